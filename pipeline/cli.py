@@ -1,0 +1,135 @@
+"""The ``pipeline`` command: parses options and dispatches to pipeline.runner. No logic lives here."""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from . import runner
+from .config import ConfigError, load_config
+
+STAGE_NAMES = list(runner.STAGES) + ["all"]
+
+EXIT_CONFIG = 2  # invalid config, override or config path
+EXIT_FAILED = 1  # a stage failed (bad data, bad checkpoint, corrupt store, ...)
+
+
+def _fail(msg: str, code: int) -> None:
+    click.echo(f"error: {msg}", err=True)
+    sys.exit(code)
+
+
+def _context(config: str, overrides: tuple[str, ...], store: str, ray_address: str | None) -> runner.Context:
+    try:
+        cfg = load_config(config, overrides)
+    except ConfigError as exc:
+        _fail(str(exc), EXIT_CONFIG)
+    return runner.Context(cfg=cfg, store=runner.store_root(store), ray_address=ray_address)
+
+
+def _errors():
+    """Errors that are the user's data or store, reported as one line (not a traceback)."""
+    from .data import DataError
+    from .models import ModelError
+    from .store import StoreError
+
+    return (DataError, ModelError, StoreError, runner.UpstreamMissing, KeyError)
+
+
+config_option = click.option("--config", "-c", "config", required=True, metavar="FILE",
+                             help="YAML run config, e.g. configs/fmnist.yaml (the default scenario).")
+set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                          help="Override one config key, e.g. --set attack.eps=0.05 (repeatable; same validation "
+                               "as the file).")
+store_option = click.option("--store", default="./runs", show_default=True, metavar="DIR",
+                            help="Root of the content-addressed store (on a cluster: a path every node sees).")
+ray_option = click.option("--ray-address", default=None, metavar="ADDR",
+                          help="Ray cluster to join: 'auto' or ray://host:port. Default: start a local Ray instance.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="carso-pipeline")
+def main() -> None:
+    """CARSO as a distributed pipeline: adversarially-trained classifier + representation-conditional purifier.
+
+    \b
+    Stages (each cached in the store under a hash of everything that determines it):
+      classifier   adversarially train (PGD) or load the frozen classifier
+      attacks      FGSM eps/2, FGSM eps, PGD eps/2, PGD eps + clean examples -> WebDataset shards
+      activations  hooked classifier activations of those examples -> Zarr arrays
+      purifier     fit the conditional-VAE purifier on Ray Train
+      evaluate     CARSO robust aggregation; AutoAttack / randomised AutoAttack / PGD+EOT
+      all          every stage above, in order
+    """
+
+
+@main.command()
+@config_option
+@click.option("--stage", "-s", required=True, type=click.Choice(STAGE_NAMES),
+              help="Stage to run (its upstream outputs must exist in the store), or 'all'.")
+@set_option
+@store_option
+@ray_option
+def run(config, stage, overrides, store, ray_address):
+    """Run one stage (or all) for a config; finished outputs are reused, partial ones resumed."""
+    ctx = _context(config, overrides, store, ray_address)
+    try:
+        runner.run(ctx, stage)
+    except runner.StageNotBuilt as exc:
+        _fail(str(exc), EXIT_FAILED)
+    except _errors() as exc:
+        _fail(str(exc).strip("'\""), EXIT_FAILED)
+    except KeyboardInterrupt:
+        _fail("interrupted; run the same command again to resume", 130)
+
+
+@main.command()
+@config_option
+@set_option
+@store_option
+def status(config, overrides, store):
+    """Show what exists in the store for a config (complete, partial, missing)."""
+    ctx = _context(config, overrides, store, None)
+    try:
+        rows = runner.status(ctx)
+    except _errors() as exc:
+        _fail(str(exc).strip("'\""), EXIT_FAILED)
+    width = max(len(r[0]) for r in rows)
+    for stage, state, where in rows:
+        click.echo(f"{stage:<{width}}  {state:<22}  {where}")
+
+
+@main.command()
+@click.option("--config", "-c", "config", default=None, metavar="FILE",
+              help="Verify only the outputs of this config (default: every output in the store).")
+@set_option
+@store_option
+def verify(config, overrides, store):
+    """Check every stored file against its manifest (size and sha256); exit 1 naming each bad file."""
+    from .store import verify_output
+
+    if config:
+        ctx = _context(config, overrides, store, None)
+        outputs = []
+        for s in runner.STAGES:
+            try:
+                out = ctx.output(s)
+            except (runner.UpstreamMissing, AttributeError):
+                continue
+            if out.is_complete():
+                outputs.append(out)
+    else:
+        outputs = runner.store_root(store).all_outputs()
+    problems = []
+    for out in outputs:
+        found = verify_output(out)
+        problems += found
+        click.echo(f"{'ok ' if not found else 'BAD'} {out.stage:<12} {out.dir}")
+    for p in problems:
+        click.echo(f"error: {p}", err=True)
+    click.echo(f"{len(outputs)} output(s) checked, {len(problems)} problem(s)")
+    sys.exit(EXIT_FAILED if problems else 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

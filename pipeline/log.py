@@ -1,0 +1,48 @@
+"""Console progress: items done, rate, estimated time left, and end-of-stage summaries."""
+from __future__ import annotations
+
+import sys
+import time
+
+
+def echo(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def human_seconds(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+class Progress:
+    """Prints ``[stage] done/total unit (pct) | rate | ETA`` at most every ``every`` seconds, and at the end."""
+
+    def __init__(self, stage: str, total: int, unit: str = "examples", every: float = 5.0, log=echo):
+        self.stage, self.total, self.unit, self.every, self.log = stage, total, unit, every, log
+        self.done = 0
+        self.t0 = self.last = time.perf_counter()
+
+    def update(self, n: int) -> None:
+        self.done += n
+        now = time.perf_counter()
+        if now - self.last >= self.every or self.done >= self.total:
+            self.last = now
+            elapsed = now - self.t0
+            rate = self.done / elapsed if elapsed > 0 else 0.0
+            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+            pct = 100.0 * self.done / self.total if self.total else 100.0
+            eta_s = human_seconds(eta) if eta != float("inf") else "?"
+            self.log(f"[{self.stage}] {self.done}/{self.total} {self.unit} ({pct:.0f}%) | {rate:.1f} {self.unit}/s | "
+                     f"ETA {eta_s}")
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0

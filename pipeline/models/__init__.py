@@ -1,0 +1,98 @@
+"""Classifier registry: build by architecture name, load weights safely, hash weights for store keys."""
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ..data import info
+from .cnn import SmallCNN
+from .wrn import WideResNet
+
+
+class ModelError(RuntimeError):
+    """A checkpoint that cannot be found, read or matched to the architecture."""
+
+
+def _build_wrn(dataset: str, activation: str) -> nn.Module:
+    meta = info(dataset)
+    return WideResNet(num_classes=meta.num_classes, depth=28, width=10, activation=activation,
+                      mean=meta.mean, std=meta.std, num_input_channels=meta.channels)
+
+
+def _build_cnn(dataset: str, activation: str) -> nn.Module:
+    meta = info(dataset)
+    return SmallCNN(num_classes=meta.num_classes, in_channels=meta.channels, mean=meta.mean, std=meta.std)
+
+
+ARCHITECTURES = {"wrn-28-10": _build_wrn, "cnn": _build_cnn}
+
+
+def build_classifier(arch: str, dataset: str, activation: str = "relu") -> nn.Module:
+    return ARCHITECTURES[arch](dataset, activation)
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a checkpoint with ``weights_only=True`` (no arbitrary unpickling). Accepts a bare state_dict or
+    a dict holding one under 'state_dict' / 'model' (the common checkpoint layouts)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{path}: checkpoint not found")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise ModelError(f"{path}: cannot read checkpoint with weights_only=True ({type(exc).__name__}: {exc})") from None
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ModelError(f"{path}: not a state_dict of tensors")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> nn.Module:
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
+        raise ModelError(f"{where}: weights do not match the architecture: {first}") from None
+    return model
+
+
+def load_robustbench(name: str, dataset: str) -> nn.Module:
+    """Load a model through the optional ``robustbench`` package (needs network access on first use)."""
+    try:
+        from robustbench.utils import load_model  # type: ignore
+    except ImportError:
+        raise ModelError(f"classifier.robustbench_name={name}: the optional 'robustbench' package is not installed; "
+                         "pip install git+https://github.com/RobustBench/robustbench, or download the checkpoint and "
+                         "use classifier.source=file with classifier.path") from None
+    rb_dataset = {"cifar10": "cifar10", "cifar100": "cifar100"}.get(dataset)
+    if rb_dataset is None:
+        raise ModelError(f"classifier.robustbench_name={name}: RobustBench has no {dataset} leaderboard; use source=file")
+    try:
+        return load_model(model_name=name, dataset=rb_dataset, threat_model="Linf")
+    except Exception as exc:  # noqa: BLE001
+        raise ModelError(f"classifier.robustbench_name={name}: RobustBench could not load it ({exc})") from None
+
+
+def state_dict_hash(model: nn.Module) -> str:
+    """sha256 of the weights (names, dtypes, shapes and bytes), independent of file layout."""
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        t = v.detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.view(torch.int16).numpy().tobytes())
+    return h.hexdigest()
+
+
+def save_state_dict(model: nn.Module, path: Path) -> None:
+    """Atomic save: a crash never leaves a half-written checkpoint under the final name."""
+    buf = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(buf.getvalue())
+    tmp.replace(path)

@@ -1,0 +1,122 @@
+"""The stage graph: keys, dependencies, cache hits, dispatch. The CLI calls only into this module."""
+from __future__ import annotations
+
+import importlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .config import RunConfig
+from .log import echo, human_seconds
+from .store import Output, Store, StoreError
+
+# Stage name -> module (each exposes ``key(ctx)`` and ``run(ctx, out)``), in pipeline order.
+STAGES = {
+    "classifier": "stages.classifier",
+    "attacks": "stages.attacks",
+    "activations": "stages.activations",
+    "purifier": "stages.purifier",
+    "evaluate": "stages.evaluate",
+}
+DEPENDS = {"classifier": [], "attacks": ["classifier"], "activations": ["attacks"], "purifier": ["activations"],
+           "evaluate": ["purifier"]}
+
+
+class StageNotBuilt(RuntimeError):
+    """The stage exists in the graph but has no implementation yet."""
+
+
+class UpstreamMissing(RuntimeError):
+    """A stage's key depends on an upstream output that does not exist yet."""
+
+
+@dataclass
+class Context:
+    cfg: RunConfig
+    store: Store
+    ray_address: str | None = None
+    log: Callable[[str], None] = echo
+    _ray_ready: bool = field(default=False, repr=False)
+
+    def ray(self) -> None:
+        """Connect to Ray on first use (cache hits never start Ray)."""
+        if not self._ray_ready:
+            from .cluster import connect
+
+            connect(self.ray_address, log=self.log)
+            self._ray_ready = True
+
+    def output(self, stage: str, create: bool = False) -> Output:
+        return self.store.output(self.cfg.data.dataset, stage, stage_module(stage).key(self), create=create)
+
+    def upstream(self, stage: str) -> Output:
+        """The complete output of an upstream stage, or UpstreamMissing."""
+        out = self.output(stage)
+        if not out.is_complete():
+            raise UpstreamMissing(f"{stage} output {out.dir} is not complete; run `--stage {stage}` first")
+        return out
+
+
+def stage_module(stage: str):
+    return importlib.import_module(STAGES[stage])
+
+
+def run_stage(ctx: Context, stage: str) -> Output:
+    mod = stage_module(stage)
+    if not hasattr(mod, "run"):
+        raise StageNotBuilt(f"stage '{stage}' is not implemented yet in this version")
+    out = ctx.output(stage, create=False)
+    if out.is_complete():
+        ctx.log(f"[{stage}] cache hit: {out.dir} (key {out.key})")
+        return out
+    ctx.output(stage, create=True)
+    done = out.done_units()
+    if done:
+        ctx.log(f"[{stage}] resuming {out.dir}: {len(done)} unit(s) already finished")
+    else:
+        ctx.log(f"[{stage}] running -> {out.dir}")
+    t0 = time.perf_counter()
+    mod.run(ctx, out)
+    if not out.is_complete():  # pragma: no cover - a stage bug, never a user error
+        raise StoreError(f"{out.dir}: stage '{stage}' finished without writing its manifest")
+    ctx.log(f"[{stage}] done in {human_seconds(time.perf_counter() - t0)}: {out.dir}")
+    return out
+
+
+def run(ctx: Context, stage: str) -> list[Output]:
+    order = list(STAGES) if stage == "all" else [stage]
+    return [run_stage(ctx, s) for s in order]
+
+
+def status(ctx: Context) -> list[tuple[str, str, str]]:
+    """(stage, state, location) for every stage of the graph."""
+    rows = []
+    for stage in STAGES:
+        mod = stage_module(stage)
+        if not hasattr(mod, "run"):
+            rows.append((stage, "not implemented", "-"))
+            continue
+        try:
+            out = ctx.output(stage)
+        except UpstreamMissing as exc:
+            rows.append((stage, "waiting for upstream", str(exc).split(";")[0]))
+            continue
+        if out.is_complete():
+            state = "complete"
+        elif out.dir.is_dir():
+            state = f"partial ({len(out.done_units())} units done)"
+        else:
+            state = "missing"
+        rows.append((stage, state, str(out.dir)))
+    return rows
+
+
+def data_identity(cfg: RunConfig, split: str) -> dict:
+    """What identifies the data a stage reads (the recorded data sha256 lives in each manifest)."""
+    subset = cfg.data.train_subset if split == "train" else cfg.data.test_subset
+    return {"dataset": cfg.data.dataset, "split": split, "subset": subset}
+
+
+def store_root(path: str | Path) -> Store:
+    return Store(Path(path))

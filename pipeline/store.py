@@ -1,0 +1,169 @@
+"""The content-addressed store: one directory per stage output, named by a hash of all that determines it.
+
+    <root>/<dataset>/<stage>/<key>/
+        ...unit files...            written under a temporary name, then renamed
+        _units/<unit>.json          receipt per finished unit of work (files, sizes, sha256): resumability
+        manifest.json               written last, atomically: without it the directory is never read as done
+
+A stage that finds a complete manifest for its key is a cache hit. A stage that finds receipts but no
+manifest resumes: it redoes only the units without a receipt. See storage_layout.md.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Iterable
+
+MANIFEST = "manifest.json"
+UNITS = "_units"
+FORMAT_VERSION = 1
+
+
+class StoreError(RuntimeError):
+    """A stage output is missing, incomplete, truncated or altered. The message names the file."""
+
+
+def package_version() -> str:
+    try:
+        return metadata.version("carso-pipeline")
+    except metadata.PackageNotFoundError:  # running from a source tree
+        return "0+source"
+
+
+def sha256_file(path: Path, bufsize: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(bufsize):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary sibling, fsync, rename: readers see the old file or the whole new one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def file_record(root: Path, path: Path) -> dict:
+    return {"name": str(path.relative_to(root)), "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+@dataclass
+class Output:
+    """One stage output directory."""
+
+    dir: Path
+    stage: str
+    key: str
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.dir / MANIFEST
+
+    def is_complete(self) -> bool:
+        return self.manifest_path.is_file()
+
+    def manifest(self) -> dict:
+        try:
+            return json.loads(self.manifest_path.read_text())
+        except FileNotFoundError:
+            raise StoreError(f"{self.dir}: {self.stage} output is incomplete (no {MANIFEST}); run the stage") from None
+        except json.JSONDecodeError:
+            raise StoreError(f"{self.manifest_path}: corrupt manifest") from None
+
+    # ---- units (resumability) -------------------------------------------------------------------
+    def unit_receipt(self, unit: str) -> Path:
+        return self.dir / UNITS / f"{unit}.json"
+
+    def done_units(self) -> set[str]:
+        d = self.dir / UNITS
+        return {p.stem for p in d.glob("*.json")} if d.is_dir() else set()
+
+    def write_receipt(self, unit: str, files: Iterable[Path], **extra) -> dict:
+        rec = {"unit": unit, "files": [file_record(self.dir, p) for p in files], **extra}
+        path = self.unit_receipt(unit)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, rec)
+        return rec
+
+    def receipts(self) -> list[dict]:
+        d = self.dir / UNITS
+        return [json.loads(p.read_text()) for p in sorted(d.glob("*.json"))] if d.is_dir() else []
+
+    # ---- completion -------------------------------------------------------------------------------
+    def finalize(self, *, config: dict, inputs: dict, files: list[dict], counts: dict, timings: dict,
+                 extra: dict | None = None) -> dict:
+        manifest = {"format": FORMAT_VERSION, "stage": self.stage, "key": self.key, "config": config,
+                    "inputs": inputs, "files": sorted(files, key=lambda r: r["name"]), "counts": counts,
+                    "timings": timings, "package_version": package_version(), "python": platform.python_version(),
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(extra or {})}
+        atomic_write_json(self.manifest_path, manifest)
+        return manifest
+
+
+@dataclass
+class Store:
+    root: Path
+    _made: set = field(default_factory=set, repr=False)
+
+    def __post_init__(self):
+        self.root = Path(self.root)
+
+    def output(self, dataset: str, stage: str, key: str, create: bool = False) -> Output:
+        d = self.root / dataset / stage / key
+        if create:
+            d.mkdir(parents=True, exist_ok=True)
+        return Output(d, stage, key)
+
+    def all_outputs(self) -> list[Output]:
+        return [Output(p.parent, p.parent.parent.name, p.parent.name)
+                for p in sorted(self.root.glob(f"*/*/*/{MANIFEST}"))]
+
+
+def verify_output(out: Output, names: Iterable[str] | None = None) -> list[str]:
+    """Check every file listed in the manifest (or only ``names``) for presence, size and sha256.
+    Return one problem line per bad file (empty when all is well)."""
+    problems = []
+    try:
+        manifest = out.manifest()
+    except StoreError as exc:
+        return [str(exc)]
+    wanted = set(names) if names is not None else None
+    for rec in manifest["files"]:
+        if wanted is not None and rec["name"] not in wanted:
+            continue
+        problems += check_file(out.dir, rec)
+    return problems
+
+
+def check_file(root: Path, rec: dict) -> list[str]:
+    path = root / rec["name"]
+    if not path.is_file():
+        return [f"{path}: missing"]
+    size = path.stat().st_size
+    if size != rec["bytes"]:
+        return [f"{path}: truncated or resized ({size} bytes, manifest says {rec['bytes']})"]
+    if sha256_file(path) != rec["sha256"]:
+        return [f"{path}: content altered (sha256 differs from the manifest)"]
+    return []
+
+
+def require_intact(out: Output, rec: dict) -> None:
+    """Raise StoreError naming the file if it does not match its manifest record."""
+    problems = check_file(out.dir, rec)
+    if problems:
+        raise StoreError(problems[0] + "; run `pipeline verify` and re-run the stage that wrote it")

@@ -1,0 +1,1 @@
+"""Stage `activations`: not implemented yet (see the open issues)."""

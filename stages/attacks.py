@@ -1,0 +1,1 @@
+"""Stage `attacks`: not implemented yet (see the open issues)."""

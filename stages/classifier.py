@@ -1,0 +1,130 @@
+"""Stage `classifier`: obtain the frozen classifier (train it adversarially, load a file, or RobustBench),
+measure its clean and PGD test accuracy, and store ``model.pt`` + ``metrics.json``.
+
+The training runs as one Ray task (one GPU when the cluster has one); the data travels through Ray's object
+store, so the task may land on any node.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+from pathlib import Path
+
+from pipeline.config import fingerprint
+from pipeline.runner import Context, data_identity
+from pipeline.store import Output, atomic_write_json, file_record, sha256_file
+
+
+def key(ctx: Context) -> str:
+    c = ctx.cfg.classifier
+    ident: dict = {"stage": "classifier", "arch": c.arch, "activation": c.activation, "source": c.source,
+                   "dataset": ctx.cfg.data.dataset, "test": data_identity(ctx.cfg, "test"),
+                   "eval": {k: v for k, v in dataclasses.asdict(c.train).items() if k.startswith("eval_")}}
+    if c.source == "train":
+        ident["train"] = dataclasses.asdict(c.train)
+        ident["data"] = data_identity(ctx.cfg, "train")
+    elif c.source == "file":
+        from pipeline.models import ModelError
+
+        try:
+            ident["file_sha256"] = sha256_file(Path(c.path))
+        except FileNotFoundError:
+            raise ModelError(f"{c.path}: checkpoint not found (classifier.path)") from None
+    else:
+        ident["robustbench_name"] = c.robustbench_name
+    return fingerprint(ident)
+
+
+def _array_sha256(*tensors) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _obtain(cfg_dict: dict, train_ref, test_ref, out_dir: str, device: str, threads: int) -> dict:
+    """Runs inside a Ray task: train or load, evaluate, save. Returns the metrics."""
+    import torch
+
+    from pipeline.adv_train import accuracy_under_pgd, adversarial_train
+    from pipeline.config import RunConfig, build
+    from pipeline.models import build_classifier, load_robustbench, load_state_dict_file, load_weights, save_state_dict
+
+    torch.set_num_threads(threads)
+    cfg = build(RunConfig, cfg_dict)
+    c, t = cfg.classifier, cfg.classifier.train
+    model = build_classifier(c.arch, cfg.data.dataset, c.activation)
+    history = []
+    if c.source == "train":
+        torch.manual_seed(t.seed)  # weight init
+        model = build_classifier(c.arch, cfg.data.dataset, c.activation)
+        x, y = train_ref
+        history = adversarial_train(model, x, y, epochs=t.epochs, batch_size=t.batch_size, lr=t.lr,
+                                    momentum=t.momentum, weight_decay=t.weight_decay, eps=t.eps,
+                                    pgd_steps=t.pgd_steps, pgd_step_size=t.pgd_step_size, seed=t.seed, device=device)
+    elif c.source == "file":
+        load_weights(model, load_state_dict_file(c.path), c.path)
+    else:
+        rb = load_robustbench(c.robustbench_name, cfg.data.dataset)
+        load_weights(model, {k.removeprefix("module."): v for k, v in rb.state_dict().items()}, c.robustbench_name)
+    model.eval()
+    xt, yt = test_ref
+    metrics = accuracy_under_pgd(model, xt, yt, eps=t.eps, steps=t.eval_pgd_steps, step_size=t.eval_pgd_step_size,
+                                 batch_size=t.eval_batch_size, seed=t.seed, device=device)
+    save_state_dict(model.cpu(), Path(out_dir) / "model.pt")
+    return {**metrics, "history": history}
+
+
+def run(ctx: Context, out: Output) -> None:
+    import ray
+
+    from pipeline.cluster import device_for, worker_resources
+    from pipeline.config import to_dict
+    from pipeline.data import load_split
+    from pipeline.models import build_classifier, load_state_dict_file, load_weights, state_dict_hash
+
+    cfg = ctx.cfg
+    t0 = time.perf_counter()
+    train = load_split(cfg.data.dataset, "train", cfg.data.data_dir, cfg.data.train_subset) \
+        if cfg.classifier.source == "train" else None
+    test = load_split(cfg.data.dataset, "test", cfg.data.data_dir, cfg.data.test_subset)
+    ctx.ray()
+    res = worker_resources(1)
+    ctx.log(f"[classifier] {cfg.classifier.source} {cfg.classifier.arch} on {device_for(res)} "
+            f"({res['num_cpus']} CPU, {res['num_gpus']} GPU)")
+    task = ray.remote(_obtain).options(**res, max_retries=1)
+    metrics = ray.get(task.remote(to_dict(cfg), train, test, str(out.dir), device_for(res), int(res["num_cpus"])))
+
+    model = build_classifier(cfg.classifier.arch, cfg.data.dataset, cfg.classifier.activation)
+    load_weights(model, load_state_dict_file(out.dir / "model.pt"), str(out.dir / "model.pt"))
+    weights = state_dict_hash(model)
+    metrics.update({"arch": cfg.classifier.arch, "source": cfg.classifier.source, "weights_sha256": weights,
+                    "test_data_sha256": _array_sha256(*test)})
+    atomic_write_json(out.dir / "metrics.json", metrics)
+    ctx.log(f"[classifier] test accuracy: clean {metrics['clean_acc']:.4f}, PGD {metrics['pgd_acc']:.4f} "
+            f"(Linf eps={metrics['attack']['eps']:g}, {metrics['attack']['steps']} steps of "
+            f"{metrics['attack']['step_size']:g}, random start, n={metrics['n']})")
+    files = [file_record(out.dir, out.dir / n) for n in ("model.pt", "metrics.json")]
+    out.finalize(config={"data": to_dict(cfg.data), "classifier": to_dict(cfg.classifier)},
+                 inputs={"test": data_identity(cfg, "test"),
+                         **({"train": data_identity(cfg, "train"), "train_data_sha256": _array_sha256(*train)}
+                            if train else {})},
+                 files=files, counts={"test_examples": metrics["n"]},
+                 timings={"total_s": time.perf_counter() - t0},
+                 extra={"weights_sha256": weights, "arch": cfg.classifier.arch,
+                        "activation": cfg.classifier.activation})
+
+
+def load(out: Output, cfg):
+    """The stored classifier, in eval mode, plus its weights hash."""
+    from pipeline.models import build_classifier, load_state_dict_file, load_weights
+
+    from pipeline.store import require_intact
+
+    manifest = out.manifest()
+    rec = next(r for r in manifest["files"] if r["name"] == "model.pt")
+    require_intact(out, rec)
+    model = build_classifier(manifest["arch"], cfg.data.dataset, manifest["activation"])
+    load_weights(model, load_state_dict_file(out.dir / "model.pt"), str(out.dir / "model.pt"))
+    return model.eval(), manifest["weights_sha256"]

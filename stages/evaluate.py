@@ -1,0 +1,1 @@
+"""Stage `evaluate`: not implemented yet (see the open issues)."""

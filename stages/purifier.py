@@ -1,0 +1,1 @@
+"""Stage `purifier`: not implemented yet (see the open issues)."""

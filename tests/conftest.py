@@ -1,0 +1,96 @@
+"""Shared fixtures: small on-disk datasets in every supported format, built by the tests themselves."""
+from __future__ import annotations
+
+import gzip
+import io
+import pickle
+import struct
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_idx(path: Path, arr: np.ndarray, gz: bool = True) -> None:
+    code = {np.uint8: 0x08}[arr.dtype.type]
+    raw = bytes([0, 0, code, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape) + arr.tobytes()
+    if gz:
+        path.with_name(path.name + ".gz").write_bytes(gzip.compress(raw))
+    else:
+        path.write_bytes(raw)
+
+
+def make_fmnist(root: Path, n_train: int = 64, n_test: int = 32, seed: int = 0, gz: bool = True) -> Path:
+    """IDX files like Debian's dataset-fashion-mnist; images are class-dependent so a model can learn them."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        y = rng.integers(0, 10, size=n).astype(np.uint8)
+        x = rng.integers(0, 60, size=(n, 28, 28)).astype(np.uint8)
+        for i, c in enumerate(y):  # a bright bar whose position encodes the class
+            x[i, 2 + 2 * c:4 + 2 * c, 4:24] = 230
+        write_idx(root / f"{prefix}-images-idx3-ubyte", x, gz)
+        write_idx(root / f"{prefix}-labels-idx1-ubyte", y, gz)
+    return root
+
+
+def cifar_batch(n: int, label_key: str, num_classes: int, seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    d = {b"batch_label": b"fixture", b"data": rng.integers(0, 256, size=(n, 3072)).astype(np.uint8),
+         label_key.encode(): [int(v) for v in rng.integers(0, num_classes, size=n)]}
+    return pickle.dumps(d, protocol=2)
+
+
+def make_cifar10(root: Path, n: int = 8, archive: bool = False) -> Path:
+    files = {f"data_batch_{i}": cifar_batch(n, "labels", 10, i) for i in range(1, 6)}
+    files["test_batch"] = cifar_batch(n, "labels", 10, 99)
+    _write_cifar(root, "cifar-10-batches-py", "cifar-10-python.tar.gz", files, archive)
+    return root
+
+
+def make_cifar100(root: Path, n: int = 8, archive: bool = False) -> Path:
+    files = {"train": cifar_batch(n, "fine_labels", 100, 1), "test": cifar_batch(n, "fine_labels", 100, 2)}
+    _write_cifar(root, "cifar-100-python", "cifar-100-python.tar.gz", files, archive)
+    return root
+
+
+def _write_cifar(root: Path, folder: str, archive_name: str, files: dict[str, bytes], archive: bool) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    if archive:
+        with tarfile.open(root / archive_name, "w:gz") as tf:
+            for name, blob in files.items():
+                ti = tarfile.TarInfo(f"{folder}/{name}")
+                ti.size = len(blob)
+                tf.addfile(ti, io.BytesIO(blob))
+    else:
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        for name, blob in files.items():
+            (root / folder / name).write_bytes(blob)
+
+
+def make_tinyimagenet(root: Path, wnids=("n01443537", "n01629819"), per_class: int = 3) -> Path:
+    from PIL import Image
+
+    base = root / "tiny-imagenet-200"
+    rng = np.random.default_rng(0)
+    (base / "val" / "images").mkdir(parents=True, exist_ok=True)
+    (base / "wnids.txt").write_text("\n".join(wnids) + "\n")
+    ann = []
+    for c, w in enumerate(wnids):
+        d = base / "train" / w / "images"
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(d / f"{w}_{i}.JPEG", "JPEG")
+        name = f"val_{c}.JPEG"
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(base / "val" / "images" / name, "JPEG")
+        ann.append(f"{name}\t{w}\t0\t0\t63\t63")
+    (base / "val" / "val_annotations.txt").write_text("\n".join(ann) + "\n")
+    return root
+
+
+@pytest.fixture
+def fmnist_dir(tmp_path) -> Path:
+    return make_fmnist(tmp_path / "fmnist")

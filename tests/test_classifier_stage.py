@@ -1,0 +1,52 @@
+"""The `classifier` stage end to end through the CLI, on a real local Ray instance and a real store."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, cwd=REPO)
+
+
+@pytest.mark.slow
+def test_classifier_train_then_cache_hit_then_file_source(tmp_path, fmnist_dir):
+    store = tmp_path / "store"
+    common = ["--config", "configs/fmnist.yaml", "--store", str(store), "--set", f"data.data_dir={fmnist_dir}",
+              "--set", "classifier.train.epochs=1", "--set", "classifier.train.batch_size=32"]
+    r = cli("run", "--stage", "classifier", *common)
+    assert r.returncode == 0, r.stderr
+    (out,) = list((store / "fmnist" / "classifier").iterdir())
+    manifest = json.loads((out / "manifest.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {f["name"] for f in manifest["files"]} == {"model.pt", "metrics.json"}
+    assert 0 <= metrics["pgd_acc"] <= metrics["clean_acc"] <= 1 and metrics["n"] == 32
+    assert metrics["attack"]["eps"] == 0.1 and metrics["weights_sha256"] == manifest["weights_sha256"]
+
+    again = cli("run", "--stage", "classifier", *common)
+    assert again.returncode == 0 and "cache hit" in again.stderr and "[ray]" not in again.stderr
+
+    st = cli("status", *common)
+    assert st.returncode == 0 and "classifier" in st.stdout and "complete" in st.stdout
+
+    # The stored weights, used as a local checkpoint, give the same weights hash (and a new classifier key).
+    r = cli("run", "--stage", "classifier", *common, "--set", "classifier.source=file",
+            "--set", f"classifier.path={out / 'model.pt'}")
+    assert r.returncode == 0, r.stderr
+    outs = [p for p in (store / "fmnist" / "classifier").iterdir() if p != out]
+    assert json.loads((outs[0] / "manifest.json").read_text())["weights_sha256"] == manifest["weights_sha256"]
+
+
+def test_missing_data_is_one_line_exit_1(tmp_path):
+    r = cli("run", "--stage", "classifier", "--config", "configs/fmnist.yaml", "--store", str(tmp_path / "s"),
+            "--set", f"data.data_dir={tmp_path / 'nothing'}")
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1].startswith("error: fmnist: IDX file not found at")
+
+
+def test_unbuilt_stage_exits_nonzero(tmp_path, fmnist_dir):
+    r = cli("run", "--stage", "evaluate", "--config", "configs/fmnist.yaml", "--store", str(tmp_path / "s"))
+    assert r.returncode != 0 and "not implemented" in r.stderr

@@ -1,0 +1,85 @@
+import subprocess
+import sys
+
+import pytest
+
+from pipeline.config import ConfigError, RunConfig, build, load_config
+from tests.conftest import REPO
+
+SHIPPED = sorted((REPO / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_configs_validate(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, RunConfig)
+
+
+def test_paper_values_in_scenario_configs():
+    a = load_config(REPO / "configs/cifar10.yaml")
+    c = load_config(REPO / "configs/tinyimagenet.yaml")
+    assert a.attack.eps == pytest.approx(8 / 255) and a.eval.eps == pytest.approx(8 / 255)
+    assert (a.attack.pgd_steps, a.attack.pgd_step_size) == (40, 0.01)
+    assert (a.eval.pgd_eot_steps, a.eval.pgd_eot_step_size, a.eval.pgd_eot_iters) == (200, 0.007, 20)
+    assert (a.purifier.fc_repr, a.purifier.f_joint, c.purifier.fc_repr, c.purifier.f_joint) == (512, 128, 768, 192)
+    assert (a.purifier.plateau_lr, c.purifier.plateau_lr, c.purifier.encoder_convs) == (0.064, 0.0128, 4)
+
+
+def test_unknown_key_names_full_key(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("attack:\n  epss: 0.1\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert "attack.epss" in str(e.value) and str(p) in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("override,key", [("attack.eps=-1", "attack.eps"), ("attack.eps=abc", "attack.eps"),
+                                          ("classifier.train.epochs=0", "classifier.train.epochs"),
+                                          ("data.dataset=mnist", "data.dataset"),
+                                          ("attack.pgd_random_start=3", "attack.pgd_random_start"),
+                                          ("activations.chunk_rows=7", "activations.chunk_rows")])
+def test_bad_override_names_key(override, key):
+    with pytest.raises(ConfigError) as e:
+        load_config(REPO / "configs/fmnist.yaml", [override])
+    assert str(e.value).split(": ")[1] == key
+
+
+def test_override_applies_with_widening():
+    cfg = load_config(REPO / "configs/fmnist.yaml", ["attack.eps=1", "eval.n_examples=7"])
+    assert cfg.attack.eps == 1.0 and isinstance(cfg.attack.eps, float) and cfg.eval.n_examples == 7
+
+
+def test_cross_field_checks():
+    with pytest.raises(ConfigError, match="classifier.path"):
+        build(RunConfig, {"classifier": {"source": "file"}})
+    with pytest.raises(ConfigError, match="purifier.anneal_epochs"):
+        build(RunConfig, {"purifier": {"epochs": 10}})
+
+
+def _cli(*args, cwd=REPO):
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+@pytest.mark.parametrize("extra,needle", [(["--set", "attack.eps=-1"], "attack.eps"),
+                                          (["--set", "attack.bogus=1"], "attack.bogus")])
+def test_cli_config_errors_exit_2_one_line(tmp_path, extra, needle):
+    r = _cli("run", "--config", "configs/fmnist.yaml", "--stage", "classifier", "--store", str(tmp_path / "s"), *extra)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and "configs/fmnist.yaml" in lines[0]
+    assert not (tmp_path / "s").exists()  # nothing written
+
+
+def test_cli_missing_config_exit_2(tmp_path):
+    r = _cli("run", "--config", str(tmp_path / "nope.yaml"), "--stage", "classifier")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "nope.yaml" in r.stderr
+
+
+def test_cli_help_lists_stages():
+    r = _cli("--help")
+    assert r.returncode == 0
+    for stage in ("classifier", "attacks", "activations", "purifier", "evaluate", "all"):
+        assert stage in r.stdout
+    r = _cli("run", "--help")
+    for opt in ("--config", "--stage", "--set", "--ray-address", "--store"):
+        assert opt in r.stdout
