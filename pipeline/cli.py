@@ -19,21 +19,13 @@ def _fail(msg: str, code: int) -> None:
     sys.exit(code)
 
 
-def _context(config: str, overrides: tuple[str, ...], store: str, ray_address: str | None) -> runner.Context:
+def _context(config: str, overrides: tuple[str, ...], store: str, ray_address: str | None,
+             workers: int | None = None) -> runner.Context:
     try:
         cfg = load_config(config, overrides)
     except ConfigError as exc:
         _fail(str(exc), EXIT_CONFIG)
-    return runner.Context(cfg=cfg, store=runner.store_root(store), ray_address=ray_address)
-
-
-def _errors():
-    """Errors that are the user's data or store, reported as one line (not a traceback)."""
-    from .data import DataError
-    from .models import ModelError
-    from .store import StoreError
-
-    return (DataError, ModelError, StoreError, runner.UpstreamMissing, KeyError)
+    return runner.Context(cfg=cfg, store=runner.store_root(store), ray_address=ray_address, workers=workers)
 
 
 config_option = click.option("--config", "-c", "config", required=True, metavar="FILE",
@@ -70,17 +62,21 @@ def main() -> None:
 @set_option
 @store_option
 @ray_option
-def run(config, stage, overrides, store, ray_address):
+@click.option("--workers", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Model workers per stage (Ray actors / Train workers). Default: one per GPU, or 1 on CPU. "
+                   "Never changes results or store keys.")
+def run(config, stage, overrides, store, ray_address, workers):
     """Run one stage (or all) for a config; finished outputs are reused, partial ones resumed."""
-    ctx = _context(config, overrides, store, ray_address)
+    ctx = _context(config, overrides, store, ray_address, workers)
     try:
         runner.run(ctx, stage)
-    except runner.StageNotBuilt as exc:
-        _fail(str(exc), EXIT_FAILED)
-    except _errors() as exc:
-        _fail(str(exc).strip("'\""), EXIT_FAILED)
     except KeyboardInterrupt:
         _fail("interrupted; run the same command again to resume", 130)
+    except Exception as exc:  # noqa: BLE001 - user errors become one line; anything else is a bug: re-raise
+        msg = runner.user_error(exc)
+        if msg is None:
+            raise
+        _fail(msg, EXIT_FAILED)
 
 
 @main.command()
@@ -92,8 +88,11 @@ def status(config, overrides, store):
     ctx = _context(config, overrides, store, None)
     try:
         rows = runner.status(ctx)
-    except _errors() as exc:
-        _fail(str(exc).strip("'\""), EXIT_FAILED)
+    except Exception as exc:  # noqa: BLE001
+        msg = runner.user_error(exc)
+        if msg is None:
+            raise
+        _fail(msg, EXIT_FAILED)
     width = max(len(r[0]) for r in rows)
     for stage, state, where in rows:
         click.echo(f"{stage:<{width}}  {state:<22}  {where}")

@@ -24,6 +24,7 @@ def connect(address: str | None, log=print) -> None:
         f"{len(ray.nodes())} node(s)")
     import ray.data
 
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the stages print their own progress lines
     ctx.print_on_execution_start = False

@@ -36,6 +36,8 @@ class Context:
     cfg: RunConfig
     store: Store
     ray_address: str | None = None
+    # Model workers per stage (runtime only, never part of a key); None = one per GPU, or 1 on CPU.
+    workers: int | None = None
     log: Callable[[str], None] = echo
     _ray_ready: bool = field(default=False, repr=False)
 
@@ -110,6 +112,26 @@ def status(ctx: Context) -> list[tuple[str, str, str]]:
             state = "missing"
         rows.append((stage, state, str(out.dir)))
     return rows
+
+
+def user_error(exc: BaseException) -> str | None:
+    """The one-line message of a user-facing error (bad data, checkpoint or store file) anywhere in the chain
+    of ``exc``, including errors raised inside Ray tasks and actors; None when it is not one (a bug)."""
+    from .data import DataError
+    from .models import ModelError
+
+    seen = set()
+    stack = [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, (DataError, ModelError, StoreError, UpstreamMissing, StageNotBuilt)) \
+                and not type(e).__module__.startswith("ray"):
+            return str(e).strip().splitlines()[0]
+        stack += [getattr(e, "cause", None), e.__cause__, e.__context__]
+    return None
 
 
 def data_identity(cfg: RunConfig, split: str) -> dict:

@@ -1,0 +1,132 @@
+"""Run a stage's units of work on a Ray Data actor pool, with progress and a summary.
+
+A unit is one output shard. Each actor loads its model once (in ``__init__``), is handed unit descriptions
+one at a time (``batch_size=1``), writes the unit's files plus its receipt into the store, and returns a
+row ``{"unit", "items", "bytes"}``. The driver streams those rows for progress. Units already holding a
+receipt are skipped, which is what makes a killed stage resumable.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from pipeline.cluster import device_for, worker_resources
+from pipeline.log import Progress, human_bytes
+from pipeline.runner import Context
+from pipeline.store import Output
+
+
+class UnitWorker:
+    """Base of the stages' Ray Data actors: ``do_unit(unit_dict) -> receipt`` is called once per unit.
+
+    User-facing errors (a corrupt shard, bad data) come back as an ``error`` column rather than an exception,
+    because Ray Data does not carry the original exception type back to the driver.
+    """
+
+    def __call__(self, batch: dict) -> dict:
+        import numpy as np
+
+        from pipeline.runner import user_error
+
+        rows = {"unit": [], "items": [], "bytes": [], "error": []}
+        for i in range(len(batch["unit"])):
+            unit = {k: (v[i].item() if hasattr(v[i], "item") else v[i]) for k, v in batch.items()}
+            try:
+                rec = self.do_unit(unit)
+                error, written = "", sum(f["bytes"] for f in rec["files"])
+            except Exception as exc:  # noqa: BLE001
+                error = user_error(exc)
+                if error is None:
+                    raise
+                written = 0
+            rows["unit"].append(str(unit["unit"]))
+            rows["items"].append(0 if error else int(unit["items"]))
+            rows["bytes"].append(written)
+            rows["error"].append(error)
+        return {k: np.array(v) for k, v in rows.items()}
+
+    def do_unit(self, unit: dict) -> dict:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def clean_stale_temporaries(out: Output) -> None:
+    """Remove temporary files a killed run left behind (never a finished file)."""
+    for p in out.dir.rglob(".*.tmp-*"):
+        p.unlink(missing_ok=True)
+
+
+def pool_size(ctx: Context, n_units: int) -> int:
+    from pipeline.cluster import cluster_gpus
+
+    wanted = ctx.workers or max(1, cluster_gpus())
+    return max(1, min(wanted, n_units))
+
+
+def run_units(ctx: Context, out: Output, *, stage: str, worker_cls, worker_kwargs: dict, units: list[dict],
+              total_items: int, done_items: int, unit_name: str = "examples") -> dict:
+    """Process ``units`` (dicts with at least 'unit' and 'items') and return summary numbers."""
+    import ray
+    import ray.data
+
+    t0 = time.perf_counter()
+    progress = Progress(stage, total_items, unit_name)
+    progress.done = done_items
+    written = 0
+    if units:
+        n = pool_size(ctx, len(units))
+        res = worker_resources(n)
+        ctx.log(f"[{stage}] {len(units)} unit(s) to do on {n} worker(s), each {res['num_cpus']} CPU / "
+                f"{res['num_gpus']} GPU ({device_for(res)})")
+        kwargs = {**worker_kwargs, "device": device_for(res), "threads": int(res["num_cpus"])}
+        ds = ray.data.from_items(units, override_num_blocks=len(units))
+        ds = ds.map_batches(worker_cls, fn_constructor_kwargs=kwargs, batch_size=1, batch_format="numpy",
+                            compute=ray.data.ActorPoolStrategy(size=n), num_cpus=res["num_cpus"],
+                            num_gpus=res["num_gpus"])
+        for row in ds.iter_rows():
+            if row["error"]:
+                from pipeline.store import StoreError
+
+                raise StoreError(str(row["error"]))
+            written += int(row["bytes"])
+            progress.update(int(row["items"]))
+    seconds = time.perf_counter() - t0
+    done_now = progress.done - done_items
+    ctx.log(f"[{stage}] summary: {done_now} {unit_name} in {len(units)} unit(s), {human_bytes(written)} written, "
+            f"{done_now / seconds if seconds > 0 else 0:.1f} {unit_name}/s, {seconds:.1f} s")
+    return {"items": done_now, "bytes": written, "seconds": seconds}
+
+
+def ref_box(obj):
+    """Put ``obj`` in Ray's object store, boxed in a list so actor constructors receive the reference
+    itself (and ``ray.get`` it once) rather than Ray Data copying the value into every call."""
+    import ray
+
+    return [ray.put(obj)]
+
+
+def unbox(box):
+    import ray
+
+    return ray.get(box[0])
+
+
+def model_payload(out: Output, cfg) -> dict:
+    """What an actor needs to rebuild the classifier on any node: arch, activation and the weights."""
+    from stages.classifier import load
+
+    model, weights = load(out, cfg)
+    manifest = out.manifest()
+    return {"arch": manifest["arch"], "activation": manifest["activation"], "dataset": cfg.data.dataset,
+            "state_dict": {k: v.clone() for k, v in model.state_dict().items()}, "weights_sha256": weights}
+
+
+def build_model(payload: dict, device: str):
+    from pipeline.models import build_classifier, load_weights
+
+    model = build_classifier(payload["arch"], payload["dataset"], payload["activation"])
+    load_weights(model, payload["state_dict"], "classifier payload")
+    return model.eval().to(device)
+
+
+def rel(out: Output, p: Path) -> str:
+    return str(p.relative_to(out.dir))

@@ -1,0 +1,256 @@
+"""The precomputed adversarial datasets: attack shards (WebDataset) and hooked activations (Zarr), on a real
+local Ray instance and a real store."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import runner
+from pipeline.attacks import KINDS
+from pipeline.config import load_config
+from pipeline.data import load_split, to_float
+from pipeline.shards import read_shard
+from pipeline.store import StoreError
+from pipeline.zarr_store import ActivationReader
+from tests.conftest import REPO, make_fmnist
+
+TINY = ["classifier.train.epochs=1", "classifier.train.batch_size=32", "attack.shard_size=16", "attack.batch_size=8",
+        "attack.pgd_steps=5", "activations.chunk_rows=16", "activations.batch_size=32"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return make_fmnist(tmp_path_factory.mktemp("fx") / "fmnist", n_train=48, n_test=16)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    from pipeline.cluster import connect
+
+    connect(None, log=lambda m: None)
+    yield
+    import ray
+
+    ray.shutdown()
+
+
+def make_ctx(store, data_dir, *extra, workers=None):
+    cfg = load_config(REPO / "configs/fmnist.yaml", [f"data.data_dir={data_dir}", *TINY, *extra])
+    logs = []
+    ctx = runner.Context(cfg=cfg, store=runner.store_root(store), workers=workers, log=logs.append)
+    ctx._ray_ready = True
+    return ctx, logs
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, data_dir, ray_local):
+    store = tmp_path_factory.mktemp("store")
+    ctx, logs = make_ctx(store, data_dir)
+    outs = runner.run(ctx, "classifier") + runner.run(ctx, "attacks") + runner.run(ctx, "activations")
+    return {"store": store, "ctx": ctx, "outs": dict(zip(["classifier", "attacks", "activations"], outs))}
+
+
+def _shards(out):
+    return sorted(out.dir.glob("shard-*.tar"))
+
+
+def test_attack_shards_round_trip(built, data_dir):
+    out, cfg = built["outs"]["attacks"], built["ctx"].cfg
+    x, y = load_split("fmnist", "train", str(data_dir))
+    samples = [s for p in _shards(out) for s in read_shard(p)]
+    assert len(samples) == 5 * 48 and out.manifest()["counts"] == {"examples": 48, "samples": 240, "shards": 3,
+                                                                   "shard_size": 16}
+    eps = {"clean": 0.0, "fgsm_half": cfg.attack.eps / 2, "fgsm": cfg.attack.eps, "pgd_half": cfg.attack.eps / 2,
+           "pgd": cfg.attack.eps}
+    changed = 0
+    for r, s in enumerate(samples):
+        i = r // 5
+        assert (s["index"], s["label"], s["kind"]) == (i, int(y[i]), KINDS[r % 5])
+        clean = to_float(x[i])
+        img = torch.from_numpy(s["image"])
+        assert img.dtype == torch.float32 and img.min() >= 0 and img.max() <= 1
+        # The same float32 arithmetic as the projection: stored images sit exactly inside the ball.
+        assert bool((img <= clean + eps[s["kind"]]).all() and (img >= clean - eps[s["kind"]]).all()), s["kind"]
+        changed += int(not torch.equal(img, clean))
+    assert changed >= 4 * 48 * 0.9  # the attacks did perturb
+
+
+def test_shard_members_need_no_pickle(built):
+    for p in _shards(built["outs"]["attacks"]):
+        with tarfile.open(p) as tf:
+            for m in tf.getmembers():
+                blob = tf.extractfile(m).read()
+                assert m.name.endswith((".img.npy", ".json")) and m.mtime == 0
+                if m.name.endswith(".npy"):
+                    import io
+
+                    np.load(io.BytesIO(blob), allow_pickle=False)
+                else:
+                    json.loads(blob)
+
+
+def test_activations_round_trip_and_alignment(built):
+    from pipeline.models.hooks import forward_with_activations
+    from stages.classifier import load
+
+    acts, attacks = built["outs"]["activations"], built["outs"]["attacks"]
+    reader = ActivationReader(acts)
+    assert reader.layers == ["conv1", "conv2", "conv3"] and reader.n_rows == 240
+    rows = reader.read(0, 240)
+    samples = [s for p in _shards(attacks) for s in read_shard(p)]
+    images = torch.from_numpy(np.stack([s["image"] for s in samples]))
+    model, _ = load(built["outs"]["classifier"], built["ctx"].cfg)
+    with torch.no_grad():
+        _, ref = forward_with_activations(model, images, reader.layers)
+    for name, r in zip(reader.layers, ref):
+        assert rows[name].dtype == np.float16 and rows[name].shape == tuple(r.shape)
+        assert np.array_equal(rows[name], r.numpy().astype(np.float16)), name
+    assert rows["label"].tolist() == [s["label"] for s in samples]
+    assert [KINDS[k] for k in rows["kind"]] == [s["kind"] for s in samples]
+    assert rows["index"].tolist() == [s["index"] for s in samples]
+
+
+def test_layer_subset_reads_only_its_arrays(built, tmp_path):
+    import shutil
+
+    acts = built["outs"]["activations"]
+    copy = tmp_path / "acts"
+    shutil.copytree(acts.dir, copy)
+    from pipeline.store import Output
+
+    out = Output(copy, "activations", acts.key)
+    shutil.rmtree(copy / "acts.zarr" / "conv1")  # unreadable if touched
+    shutil.rmtree(copy / "acts.zarr" / "conv3")
+    rows = ActivationReader(out, ["conv2"]).read(0, 240)
+    assert set(rows) == {"conv2", "label", "kind", "index"} and rows["conv2"].shape == (240, 32, 14, 14)
+    with pytest.raises(StoreError, match="conv9"):
+        ActivationReader(out, ["conv9"])
+
+
+def test_cache_hit_and_key_reuse(built, data_dir):
+    store = built["store"]
+    ctx, logs = make_ctx(store, data_dir)
+    t0 = time.perf_counter()
+    outs = runner.run(ctx, "activations")
+    assert "cache hit" in logs[-1] and time.perf_counter() - t0 < 30
+    assert outs[0].dir == built["outs"]["activations"].dir
+    # Downstream-only changes reuse every upstream key.
+    ctx2, _ = make_ctx(store, data_dir, "purifier.fc_repr=64", "eval.samples=4", "purifier.layers=[conv1]")
+    for s in ("classifier", "attacks", "activations"):
+        assert ctx2.output(s).dir == built["outs"][s].dir
+
+
+def test_stale_keys_miss(built, data_dir):
+    store = built["store"]
+    ctx, _ = make_ctx(store, data_dir, "attack.eps=0.05")
+    assert ctx.output("classifier").dir == built["outs"]["classifier"].dir
+    assert ctx.output("attacks").dir != built["outs"]["attacks"].dir
+    ctx, _ = make_ctx(store, data_dir, "attack.eps_scaling=std")
+    assert ctx.output("attacks").dir != built["outs"]["attacks"].dir
+    # New classifier weights (another training seed) -> a new classifier, hence new attack/activation keys.
+    ctx, _ = make_ctx(store, data_dir, "classifier.train.seed=1")
+    runner.run(ctx, "classifier")
+    assert ctx.upstream("classifier").manifest()["weights_sha256"] != \
+        built["outs"]["classifier"].manifest()["weights_sha256"]
+    assert ctx.output("attacks").dir != built["outs"]["attacks"].dir
+
+
+def test_same_bytes_whatever_the_worker_count(built, data_dir, tmp_path):
+    ctx, _ = make_ctx(tmp_path / "s2", data_dir, workers=2)
+    runner.run(ctx, "classifier")
+    out = runner.run(ctx, "attacks")[0]
+    assert out.key == built["outs"]["attacks"].key
+    a, b = _shards(built["outs"]["attacks"]), _shards(out)
+    assert [p.name for p in a] == [p.name for p in b]
+    assert all(pa.read_bytes() == pb.read_bytes() for pa, pb in zip(a, b))
+
+
+def _cli(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, cwd=REPO,
+                          **kw)
+
+
+def _args(store, data_dir, *extra):
+    sets = [a for s in [f"data.data_dir={data_dir}", *TINY, "attack.shard_size=4", "attack.pgd_steps=40",
+                        "activations.chunk_rows=20", *extra] for a in ("--set", s)]
+    return ["--config", "configs/fmnist.yaml", "--store", str(store), *sets]
+
+
+@pytest.mark.slow
+def test_killed_stage_resumes_to_identical_output(built, data_dir, tmp_path):
+    store = tmp_path / "killed"
+    assert _cli("run", "--stage", "classifier", *_args(store, data_dir)).returncode == 0
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "--stage", "attacks",
+                             *_args(store, data_dir)], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    units = None
+    while time.time() < deadline and proc.poll() is None:
+        found = list(store.glob("fmnist/attacks/*/_units/*.json"))
+        if found:
+            units = found[0].parent
+            break
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert units is not None, "the stage never finished a unit"
+    out_dir = units.parent
+    done_before = len(list(units.glob("*.json")))
+    assert not (out_dir / "manifest.json").exists() and done_before < 12
+    r = _cli("run", "--stage", "attacks", *_args(store, data_dir))
+    assert r.returncode == 0, r.stderr
+    # Workers of the killed run may finish a unit while they are being torn down, so count at resume time.
+    m = re.search(r"resuming .*: (\d+) unit\(s\) already finished", r.stderr)
+    assert m and int(m.group(1)) >= done_before and f"{12 - int(m.group(1))} unit(s) to do" in r.stderr
+    ref = tmp_path / "uninterrupted"
+    assert _cli("run", "--stage", "classifier", *_args(ref, data_dir)).returncode == 0
+    assert _cli("run", "--stage", "attacks", *_args(ref, data_dir)).returncode == 0
+    (ref_dir,) = list(ref.glob("fmnist/attacks/*"))
+    assert ref_dir.name == out_dir.name
+    assert [p.read_bytes() for p in sorted(ref_dir.glob("*.tar"))] == [p.read_bytes() for p in sorted(out_dir.glob("*.tar"))]
+    assert json.loads((ref_dir / "manifest.json").read_text())["files"] == \
+        json.loads((out_dir / "manifest.json").read_text())["files"]
+    assert not list(out_dir.glob(".*tmp*"))
+
+
+@pytest.mark.slow
+def test_verify_reports_truncated_and_flipped_shards(built, tmp_path):
+    import shutil
+
+    store = tmp_path / "store"
+    shutil.copytree(built["store"], store)
+    assert _cli("verify", "--store", str(store)).returncode == 0
+    shards = sorted(store.glob("fmnist/attacks/*/shard-*.tar"))
+    shards = [p for p in shards if p.parent.name == built["outs"]["attacks"].key]
+    data = shards[0].read_bytes()
+    shards[0].write_bytes(data[:-1000])
+    blob = bytearray(shards[1].read_bytes())
+    blob[len(blob) // 2] ^= 0x01
+    shards[1].write_bytes(bytes(blob))
+    r = _cli("verify", "--store", str(store))
+    assert r.returncode == 1
+    assert f"{shards[0]}: truncated" in r.stderr and f"{shards[1]}: content altered" in r.stderr
+
+
+def test_reading_stage_refuses_a_corrupt_shard(built, data_dir, tmp_path):
+    import shutil
+
+    store = tmp_path / "store"
+    shutil.copytree(built["store"], store)
+    ctx, _ = make_ctx(store, data_dir)
+    shutil.rmtree(ctx.output("activations").dir)
+    shard = sorted(ctx.upstream("attacks").dir.glob("shard-*.tar"))[1]
+    blob = bytearray(shard.read_bytes())
+    blob[700] ^= 0xFF
+    shard.write_bytes(bytes(blob))
+    with pytest.raises(Exception, match=f"{shard.name}: content altered"):
+        runner.run(ctx, "activations")
