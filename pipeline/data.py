@@ -36,25 +36,28 @@ class DatasetInfo:
     std: tuple[float, ...]
     default_dir: str
     how_to_get: str
+    train_size: int = 0
+    test_size: int = 0
 
 
 DATASETS = {
     "fmnist": DatasetInfo(
         "fmnist", 1, 28, 10, (0.2860,), (0.3530,), "/usr/share/datasets/fashion-mnist",
         "install Debian's package 'dataset-fashion-mnist' (apt-get install dataset-fashion-mnist) or download "
-        "the four *-idx?-ubyte.gz files from https://github.com/zalandoresearch/fashion-mnist into data.data_dir"),
+        "the four *-idx?-ubyte.gz files from https://github.com/zalandoresearch/fashion-mnist into data.data_dir",
+        60000, 10000),
     "cifar10": DatasetInfo(
         "cifar10", 3, 32, 10, (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616), "./data",
         "download https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz into data.data_dir "
-        "(the archive or its extracted cifar-10-batches-py folder)"),
+        "(the archive or its extracted cifar-10-batches-py folder)", 50000, 10000),
     "cifar100": DatasetInfo(
         "cifar100", 3, 32, 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), "./data",
         "download https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz into data.data_dir "
-        "(the archive or its extracted cifar-100-python folder)"),
+        "(the archive or its extracted cifar-100-python folder)", 50000, 10000),
     "tinyimagenet": DatasetInfo(
         "tinyimagenet", 3, 64, 200, (0.4802, 0.4481, 0.3975), (0.2770, 0.2691, 0.2821), "./data",
         "download http://cs231n.stanford.edu/tiny-imagenet-200.zip and extract it into data.data_dir "
-        "(so that data_dir/tiny-imagenet-200/wnids.txt exists)"),
+        "(so that data_dir/tiny-imagenet-200/wnids.txt exists)", 100000, 10000),
 }
 
 

@@ -45,7 +45,7 @@ def write_shard(path: Path, samples: Iterable[tuple[int, int, str, np.ndarray]])
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     n = 0
     with open(tmp, "wb") as f:
-        with wds.TarWriter(f, user="carso", group="carso", mtime=0.0, encoder=False) as tw:
+        with wds.TarWriter(f, user="carso", group="carso", mtime=0, encoder=False) as tw:
             for index, label, kind, img in samples:
                 meta = json.dumps({"index": int(index), "label": int(label), "kind": kind}, sort_keys=True)
                 tw.write({"__key__": sample_key(index, kind), "img.npy": encode_npy(img.astype(np.float32)),
@@ -61,7 +61,8 @@ def read_shard(path: Path) -> Iterator[dict]:
     """Yield ``{"index", "label", "kind", "image"}`` dicts in shard order, via webdataset's tar reader."""
     import webdataset as wds
 
-    ds = wds.WebDataset(str(path), shardshuffle=False, empty_check=False)
+    # One explicit file: no node or worker splitting (callers assign shards to workers themselves).
+    ds = wds.WebDataset(str(path), shardshuffle=False, empty_check=False, nodesplitter=None, workersplitter=None)
     for raw in ds:
         where = f"{path}:{raw['__key__']}"
         if "img.npy" not in raw or "json" not in raw:

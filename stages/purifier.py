@@ -1,1 +1,321 @@
-"""Stage `purifier`: not implemented yet (see the open issues)."""
+"""Stage `purifier`: fit CARSO's conditional VAE on Ray Train (TorchTrainer, DDP; gloo on CPU, NCCL on GPU).
+
+Each worker reads its own attack shards (and, with ``purifier.activations_source: cache``, the matching Zarr
+rows of only the configured layers), composes adversarially-balanced batches (pipeline/balanced.py), and
+trains with RAdam + Lookahead under the per-epoch LR and beta schedules. Every epoch rank 0 writes a
+checkpoint into the store and reports it to Ray Train; a run restarted by Ray (lost worker) or re-run after
+being killed resumes from the latest checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+from pipeline.config import fingerprint, to_dict
+from pipeline.runner import Context
+from pipeline.store import Output, atomic_write_json, file_record
+
+CKPT_DIR = "checkpoints"
+
+
+def conditioning_layers(ctx: Context) -> list[str]:
+    from stages.activations import resolve_layers
+
+    cached = resolve_layers(ctx)
+    wanted = ctx.cfg.purifier.layers or cached
+    missing = [name for name in wanted if name not in cached]
+    if missing:
+        from pipeline.store import StoreError
+
+        raise StoreError(f"purifier.layers: {', '.join(missing)} not among the cached layers ({', '.join(cached)})")
+    return list(wanted)
+
+
+def _source_key(ctx: Context) -> dict:
+    if ctx.cfg.purifier.activations_source == "cache":
+        return {"activations": ctx.upstream("activations").key}
+    attacks = ctx.upstream("attacks")
+    return {"attacks": attacks.key, "activations_dtype": ctx.cfg.activations.dtype}
+
+
+def key(ctx: Context) -> str:
+    p = {k: v for k, v in dataclasses.asdict(ctx.cfg.purifier).items() if k != "workers"}
+    attacks = ctx.upstream("attacks")
+    return fingerprint({"stage": "purifier", "attacks": attacks.key, **_source_key(ctx),
+                        "weights_sha256": attacks.manifest()["inputs"]["classifier"]["weights_sha256"],
+                        "layers": conditioning_layers(ctx), "purifier": p})
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    found = sorted((out_dir / CKPT_DIR).glob("epoch-*.pt"))
+    return found[-1] if found else None
+
+
+# --------------------------------------------------------------------------------------------------
+# The per-worker training loop (runs inside Ray Train workers)
+# --------------------------------------------------------------------------------------------------
+class _ShardLoader:
+    """Loads one attack shard (verified) and, in cache mode, its activation rows; keeps them if small."""
+
+    def __init__(self, spec: dict):
+        from pipeline.store import Output as Out
+
+        self.attacks = Out(Path(spec["attacks_dir"]), "attacks", "")
+        self.records = {r["name"]: r for r in self.attacks.manifest()["files"]}
+        self.units = self.attacks.manifest()["units"]
+        self.reader = None
+        if spec["source"] == "cache":
+            from pipeline.zarr_store import ActivationReader
+
+            self.reader = ActivationReader(Out(Path(spec["activations_dir"]), "activations", ""), spec["layers"])
+        self.keep = {}
+        self.kept_bytes, self.budget = 0, spec["cache_bytes"]
+
+    def __call__(self, sid: int):
+        from pipeline.balanced import ShardData
+        from pipeline.shards import read_shard_arrays
+        from pipeline.store import require_intact
+
+        if sid in self.keep:
+            return self.keep[sid]
+        u = self.units[sid]
+        name = f"{u['unit']}.tar"
+        require_intact(self.attacks, self.records[name])
+        images = read_shard_arrays(self.attacks.dir / name)["image"]
+        acts = None
+        if self.reader is not None:
+            rows = self.reader.read(5 * u["start"], 5 * u["stop"])
+            acts = {n: rows[n] for n in self.reader.layers}
+        data = ShardData(images=images, acts=acts)
+        size = images.nbytes + sum(a.nbytes for a in (acts or {}).values())
+        if self.kept_bytes + size <= self.budget:
+            self.keep[sid] = data
+            self.kept_bytes += size
+        return data
+
+
+def _build(spec: dict):
+    from pipeline.models.purifier import Purifier
+
+    m = spec["model"]
+    return Purifier(image_shape=tuple(m["image_shape"]), layer_shapes={k: tuple(v) for k, v in m["layer_shapes"].items()},
+                    fc_repr=m["fc_repr"], f_joint=m["f_joint"], encoder_convs=m["encoder_convs"], mean=tuple(m["mean"]),
+                    std=tuple(m["std"]))
+
+
+def _optimizer(model, p: dict):
+    import torch
+    from pytorch_optimizer import Lookahead
+
+    inner = torch.optim.RAdam(model.parameters(), lr=p["initial_lr"], betas=tuple(p["radam_betas"]),
+                              eps=p["radam_eps"], weight_decay=0.0)
+    return Lookahead(inner, k=p["lookahead_k"], alpha=p["lookahead_alpha"])
+
+
+def _conditioning(batch, classifier, layers, dtype, device):
+    """Activations for the batch: the cached rows, or the frozen classifier's on the stored inputs, cast to
+    the cache dtype (the same function either way)."""
+    import torch
+
+    if batch.acts is not None:
+        return [torch.from_numpy(batch.acts[n]).to(device) for n in layers]
+    from pipeline.models.hooks import forward_with_activations
+
+    with torch.no_grad():
+        _, acts = forward_with_activations(classifier, torch.from_numpy(batch.inputs).to(device), layers)
+    return [a.to(getattr(torch, dtype)) for a in acts]
+
+
+def train_loop(spec: dict) -> None:
+    import os
+    import tempfile
+
+    import ray.train
+    import ray.train.torch
+    import torch
+    import torch.distributed as dist
+
+    from pipeline.balanced import BalancedBatches
+    from pipeline.models.purifier import vae_loss
+    from pipeline.schedules import beta_at, lr_at
+    from pipeline.config import PurifierConfig, build
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(spec["threads"])
+    torch.manual_seed(spec["purifier"]["seed"] + rank)
+    device = ray.train.torch.get_device()
+    p = build(PurifierConfig, spec["purifier"])
+    model = ray.train.torch.prepare_model(_build(spec).to(device))
+    opt = _optimizer(model, spec["purifier"])
+    start, history = 0, []
+    ckpt = ray.train.get_checkpoint()
+    path = None
+    if ckpt is not None:
+        path = Path(ckpt.to_directory()) / "state.pt"
+    elif spec.get("resume_from"):
+        path = Path(spec["resume_from"])
+    if path is not None:
+        state = torch.load(path, map_location=device, weights_only=True)
+        (model.module if hasattr(model, "module") else model).load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start, history = state["epoch"] + 1, state["history"]
+        if rank == 0:
+            print(f"[purifier] resumed from epoch {start} ({path.name})", flush=True)
+    classifier = None
+    if spec["source"] == "recompute":
+        from stages._pool import build_model
+
+        classifier = build_model(spec["classifier"], str(device))
+    batches = BalancedBatches(_ShardLoader(spec), len(spec["examples_per_shard"]), batch_size=p.batch_size,
+                              adv_fraction=p.adv_fraction, workers=world, rank=rank, steps=spec["steps"],
+                              buffer_examples=spec["buffer_examples"], seed=p.seed)
+    for epoch in range(start, p.epochs):
+        lr, beta = lr_at(epoch, p), beta_at(epoch, p)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        model.train()
+        t0 = time.perf_counter()
+        sums = torch.zeros(4, dtype=torch.float64)
+        for batch in batches.epoch(epoch):
+            acts = _conditioning(batch, classifier, spec["layers"], spec["dtype"], device)
+            target = torch.from_numpy(batch.targets).to(device)
+            x_hat, mu, logvar = model(target, acts)
+            loss, reco, kl = vae_loss(x_hat, target, mu, logvar, beta)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            n = target.shape[0]
+            sums += torch.tensor([loss.item() * n, reco.item() * n, kl.item() * n, n], dtype=torch.float64)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(sums)
+        seconds = time.perf_counter() - t0
+        n = max(sums[3].item(), 1.0)
+        rec = {"epoch": epoch + 1, "loss": sums[0].item() / n, "reconstruction": sums[1].item() / n,
+               "kl": sums[2].item() / n, "beta": beta, "lr": lr, "examples": int(sums[3].item()),
+               "examples_per_s": sums[3].item() / seconds, "seconds": seconds, "workers": world}
+        history.append(rec)
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if rank == 0:
+                state = {"model": (model.module if hasattr(model, "module") else model).state_dict(),
+                         "optimizer": opt.state_dict(), "epoch": epoch, "history": history}
+                torch.save(state, os.path.join(tmp, "state.pt"))
+                _store_checkpoint(Path(spec["out_dir"]), epoch, os.path.join(tmp, "state.pt"), rec)
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+                print(f"[purifier] epoch {epoch + 1}/{p.epochs}: loss {rec['loss']:.2f} (reconstruction "
+                      f"{rec['reconstruction']:.2f}, KL {rec['kl']:.2f}, beta {beta:.2f}), lr {lr:.3g}, "
+                      f"{rec['examples_per_s']:.0f} examples/s", flush=True)
+            ray.train.report({k: v for k, v in rec.items()}, checkpoint=checkpoint)
+
+
+def _store_checkpoint(out_dir: Path, epoch: int, state_path: str, rec: dict) -> None:
+    """Rank 0: the epoch's checkpoint into the store (atomically), the epoch's metrics line, old ones pruned."""
+    from pipeline.store import atomic_write_bytes
+
+    d = out_dir / CKPT_DIR
+    d.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(d / f"epoch-{epoch:04d}.pt", Path(state_path).read_bytes())
+    for old in sorted(d.glob("epoch-*.pt"))[:-2]:
+        old.unlink(missing_ok=True)
+    lines = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()] \
+        if (out_dir / "metrics.jsonl").exists() else []
+    lines = [r for r in lines if r["epoch"] < rec["epoch"]] + [rec]
+    atomic_write_bytes(out_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in lines).encode())
+
+
+# --------------------------------------------------------------------------------------------------
+# Driver
+# --------------------------------------------------------------------------------------------------
+def model_spec(ctx: Context, layers: list[str]) -> dict:
+    from pipeline.data import info
+    from pipeline.sizing import layer_shapes
+
+    up = ctx.upstream("classifier").manifest()
+    meta, p = info(ctx.cfg.data.dataset), ctx.cfg.purifier
+    shapes = layer_shapes(up["arch"], ctx.cfg.data.dataset, up["activation"], layers)
+    return {"image_shape": [meta.channels, meta.size, meta.size], "layer_shapes": {k: list(v) for k, v in shapes.items()},
+            "layers": layers, "fc_repr": p.fc_repr, "f_joint": p.f_joint, "encoder_convs": p.encoder_convs,
+            "mean": list(meta.mean), "std": list(meta.std)}
+
+
+def run(ctx: Context, out: Output) -> None:
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.balanced import steps_per_epoch, worker_kinds
+    from pipeline.cluster import cluster_gpus, cpus_per_node
+    from stages import _pool
+
+    cfg, p = ctx.cfg, ctx.cfg.purifier
+    t0 = time.perf_counter()
+    layers = conditioning_layers(ctx)
+    attacks = ctx.upstream("attacks")
+    units = attacks.manifest()["units"]
+    examples = [u["stop"] - u["start"] for u in units]
+    ctx.ray()
+    workers = ctx.workers or p.workers
+    gpus = cluster_gpus()
+    worker_kinds(p.batch_size, p.adv_fraction, workers, 0)  # validates divisibility before launching
+    steps = steps_per_epoch(examples, p.batch_size, workers)
+    if steps == 0:
+        from pipeline.store import StoreError
+
+        raise StoreError(f"purifier.batch_size={p.batch_size}: not one full batch per worker from {sum(examples)} "
+                         f"examples on {workers} worker(s)")
+    threads = 1 if gpus else max(1, cpus_per_node() // workers)
+    spec = {"purifier": to_dict(p), "model": model_spec(ctx, layers), "layers": layers, "source": p.activations_source,
+            "attacks_dir": str(attacks.dir.resolve()), "dtype": cfg.activations.dtype, "out_dir": str(out.dir.resolve()),
+            "examples_per_shard": examples, "steps": steps, "threads": threads,
+            "buffer_examples": max(p.batch_size // workers, min(4 * cfg.attack.shard_size, sum(examples) // workers // 2)),
+            "cache_bytes": 2 * 1024 ** 3}
+    if p.activations_source == "cache":
+        spec["activations_dir"] = str(ctx.upstream("activations").dir.resolve())
+    else:
+        spec["classifier"] = _pool.model_payload(ctx.upstream("classifier"), cfg)
+    latest = latest_checkpoint(out.dir)
+    if latest is not None:
+        spec["resume_from"] = str(latest.resolve())
+        ctx.log(f"[purifier] resuming from {latest.name}")
+    ctx.log(f"[purifier] {workers} worker(s) ({'GPU' if gpus else f'CPU x{threads} threads'}), global batch "
+            f"{p.batch_size} ({p.batch_size // workers}/worker, adversarial fraction {p.adv_fraction}), "
+            f"{steps} steps/epoch, {p.epochs} epochs, layers: {', '.join(layers)}")
+    trainer = TorchTrainer(
+        train_loop, train_loop_config=spec,
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=bool(gpus),
+                                               resources_per_worker={"CPU": threads}),
+        run_config=ray.train.RunConfig(name=f"purifier-{out.key}", storage_path=str((out.dir / "ray_train").resolve()),
+                                       failure_config=ray.train.FailureConfig(max_failures=2),
+                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)))
+    trainer.fit()
+    _finalize(ctx, out, spec, time.perf_counter() - t0)
+
+
+def _finalize(ctx: Context, out: Output, spec: dict, seconds: float) -> None:
+    import io
+
+    import torch
+
+    from pipeline.store import atomic_write_bytes
+
+    latest = latest_checkpoint(out.dir)
+    state = torch.load(latest, map_location="cpu", weights_only=True)
+    if state["epoch"] + 1 != ctx.cfg.purifier.epochs:
+        raise RuntimeError(f"[purifier] training stopped at epoch {state['epoch'] + 1} of {ctx.cfg.purifier.epochs}")
+    buf = io.BytesIO()
+    torch.save(state["model"], buf)
+    atomic_write_bytes(out.dir / "purifier.pt", buf.getvalue())
+    atomic_write_json(out.dir / "purifier.json", spec["model"])
+    files = [file_record(out.dir, out.dir / n) for n in ("purifier.pt", "purifier.json", "metrics.jsonl")]
+    hist = state["history"]
+    out.finalize(config={"purifier": to_dict(ctx.cfg.purifier)},
+                 inputs={k: v for k, v in spec.items() if k in ("layers", "source")} | _source_key(ctx)
+                 | {"attacks": ctx.upstream("attacks").key},
+                 files=files, counts={"epochs": len(hist), "steps_per_epoch": spec["steps"],
+                                      "parameters": sum(q.numel() for q in _build(spec).parameters())},
+                 timings={"total_s": seconds, "epoch_s": [h["seconds"] for h in hist]},
+                 extra={"final_metrics": hist[-1], "model": spec["model"]})
+    ctx.log(f"[purifier] final epoch: loss {hist[-1]['loss']:.2f}, reconstruction {hist[-1]['reconstruction']:.2f}, "
+            f"KL {hist[-1]['kl']:.2f}")

@@ -254,3 +254,14 @@ def test_reading_stage_refuses_a_corrupt_shard(built, data_dir, tmp_path):
     shard.write_bytes(bytes(blob))
     with pytest.raises(Exception, match=f"{shard.name}: content altered"):
         runner.run(ctx, "activations")
+
+
+def test_sizes_match_the_storage_layout_arithmetic(built):
+    from pipeline.sizing import estimate
+
+    est = estimate(built["ctx"].cfg)
+    out = built["outs"]["attacks"]
+    assert sum(p.stat().st_size for p in _shards(out)) == est["attack_total_bytes"]
+    assert out.manifest()["counts"]["samples"] == est["samples"]
+    acts = built["outs"]["activations"].manifest()
+    assert acts["counts"]["bytes_per_row_raw"] + 17 == est["activation_row_bytes"]

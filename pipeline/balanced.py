@@ -1,0 +1,106 @@
+"""Adversarially-balanced batches (section 4.4) drawn from the stored shards, per data-parallel worker.
+
+Composition: of a global batch of B examples, ``round(B * adv_fraction)`` are adversarial, dealt in turn to
+the attack kinds (FGSM eps/2, FGSM eps, PGD eps/2, PGD eps), the rest clean. Global batch position p goes to
+worker ``p % W``, so the global composition is the same for any number of workers W, and a small fraction
+never rounds to zero per worker (TinyImageNet's 0.01 of 1024 gives 10 adversarial examples per step).
+
+Order: each worker owns the shards ``k % W == rank``; every epoch it visits them in a fresh random order,
+loads each shard whole (chunks decode whole anyway), and draws batches at random from a shuffle buffer of
+examples. The position of an example in its batch decides its kind, so the input is the stored sample of
+that kind and the target is the same example's clean image.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+
+from .attacks import KINDS
+
+ATTACK_KINDS = [k for k in KINDS if k != "clean"]
+
+
+def global_kinds(batch_size: int, adv_fraction: float) -> list[int]:
+    """Kind index (into KINDS) of each position of a global batch."""
+    n_adv = int(round(batch_size * adv_fraction))
+    adv = [KINDS.index(ATTACK_KINDS[i % len(ATTACK_KINDS)]) for i in range(n_adv)]
+    return adv + [KINDS.index("clean")] * (batch_size - n_adv)
+
+
+def worker_kinds(batch_size: int, adv_fraction: float, workers: int, rank: int) -> list[int]:
+    if batch_size % workers:
+        raise ValueError(f"purifier.batch_size={batch_size} must be divisible by the number of workers ({workers})")
+    return global_kinds(batch_size, adv_fraction)[rank::workers]
+
+
+def worker_shards(n_shards: int, workers: int, rank: int) -> list[int]:
+    return list(range(rank, n_shards, workers))
+
+
+def steps_per_epoch(examples_per_shard: list[int], batch_size: int, workers: int) -> int:
+    """Equal for every worker (DDP needs it): the smallest worker's full batches."""
+    per_worker = batch_size // workers
+    return min(sum(examples_per_shard[k] for k in worker_shards(len(examples_per_shard), workers, r)) // per_worker
+               for r in range(workers))
+
+
+@dataclass
+class ShardData:
+    """One attack shard in memory: images (5n, C, H, W) float32, optional activations per layer (5n, ...)."""
+
+    images: np.ndarray
+    acts: dict[str, np.ndarray] | None
+
+    @property
+    def n_examples(self) -> int:
+        return len(self.images) // len(KINDS)
+
+
+@dataclass
+class Batch:
+    inputs: np.ndarray          # the (possibly perturbed) images the classifier saw
+    targets: np.ndarray         # the clean images
+    kinds: np.ndarray           # kind index per example
+    acts: dict[str, np.ndarray] | None
+
+
+class BalancedBatches:
+    """Yields ``steps`` balanced batches per epoch for one worker."""
+
+    def __init__(self, load_shard: Callable[[int], ShardData], n_shards: int, *, batch_size: int,
+                 adv_fraction: float, workers: int, rank: int, steps: int, buffer_examples: int, seed: int):
+        self.load_shard = load_shard
+        self.kinds = np.array(worker_kinds(batch_size, adv_fraction, workers, rank))
+        self.shards = worker_shards(n_shards, workers, rank)
+        self.steps, self.buffer, self.seed, self.rank = steps, buffer_examples, seed, rank
+
+    def epoch(self, epoch: int) -> Iterator[Batch]:
+        rng = np.random.default_rng([self.seed, epoch, self.rank])
+        pool: list[tuple[ShardData, int]] = []
+        b, emitted = len(self.kinds), 0
+        for sid in rng.permutation(self.shards):
+            data = self.load_shard(int(sid))
+            pool += [(data, e) for e in range(data.n_examples)]
+            while len(pool) >= self.buffer + b and emitted < self.steps:
+                yield self._draw(pool, rng)
+                emitted += 1
+        while len(pool) >= b and emitted < self.steps:
+            yield self._draw(pool, rng)
+            emitted += 1
+
+    def _draw(self, pool: list, rng: np.random.Generator) -> Batch:
+        picks = []
+        for i in rng.choice(len(pool), size=len(self.kinds), replace=False).tolist():
+            picks.append(pool[i])
+        chosen = set(id(p) for p in picks)
+        pool[:] = [p for p in pool if id(p) not in chosen]
+        n_kinds = len(KINDS)
+        inputs = np.stack([d.images[n_kinds * e + k] for (d, e), k in zip(picks, self.kinds)])
+        targets = np.stack([d.images[n_kinds * e] for d, e in picks])
+        acts = None
+        if picks[0][0].acts is not None:
+            acts = {name: np.stack([d.acts[name][n_kinds * e + k] for (d, e), k in zip(picks, self.kinds)])
+                    for name in picks[0][0].acts}
+        return Batch(inputs=inputs, targets=targets, kinds=self.kinds.copy(), acts=acts)
