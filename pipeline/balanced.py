@@ -12,6 +12,7 @@ that kind and the target is the same example's clean image.
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -77,15 +78,25 @@ class BalancedBatches:
         self.steps, self.buffer, self.seed, self.rank = steps, buffer_examples, seed, rank
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
+        """The epoch's batches. The next shard loads in a background thread while the current one is
+        consumed (decoding and decompression release the GIL)."""
         rng = np.random.default_rng([self.seed, epoch, self.rank])
+        order = [int(s) for s in rng.permutation(self.shards)]
         pool: list[tuple[ShardData, int]] = []
         b, emitted = len(self.kinds), 0
-        for sid in rng.permutation(self.shards):
-            data = self.load_shard(int(sid))
-            pool += [(data, e) for e in range(data.n_examples)]
-            while len(pool) >= self.buffer + b and emitted < self.steps:
-                yield self._draw(pool, rng)
-                emitted += 1
+        with ThreadPoolExecutor(max_workers=1) as prefetch:
+            pending = prefetch.submit(self.load_shard, order[0]) if order else None
+            for i in range(len(order)):
+                data = pending.result()
+                pending = prefetch.submit(self.load_shard, order[i + 1]) if i + 1 < len(order) else None
+                pool += [(data, e) for e in range(data.n_examples)]
+                while len(pool) >= self.buffer + b and emitted < self.steps:
+                    yield self._draw(pool, rng)
+                    emitted += 1
+                if emitted >= self.steps:
+                    break
+            if pending is not None:
+                pending.cancel()
         while len(pool) >= b and emitted < self.steps:
             yield self._draw(pool, rng)
             emitted += 1

@@ -178,8 +178,14 @@ def train_loop(spec: dict) -> None:
             g["lr"] = lr
         model.train()
         t0 = time.perf_counter()
-        sums = torch.zeros(4, dtype=torch.float64)
-        for batch in batches.epoch(epoch):
+        sums = torch.zeros(5, dtype=torch.float64)
+        stream, wait = batches.epoch(epoch), 0.0
+        while True:
+            tw = time.perf_counter()
+            batch = next(stream, None)
+            wait += time.perf_counter() - tw
+            if batch is None:
+                break
             acts = _conditioning(batch, classifier, spec["layers"], spec["dtype"], device)
             target = torch.from_numpy(batch.targets).to(device)
             x_hat, mu, logvar = model(target, acts)
@@ -188,14 +194,16 @@ def train_loop(spec: dict) -> None:
             loss.backward()
             opt.step()
             n = target.shape[0]
-            sums += torch.tensor([loss.item() * n, reco.item() * n, kl.item() * n, n], dtype=torch.float64)
+            sums += torch.tensor([loss.item() * n, reco.item() * n, kl.item() * n, n, 0.0], dtype=torch.float64)
+        sums[4] = wait
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(sums)
         seconds = time.perf_counter() - t0
         n = max(sums[3].item(), 1.0)
         rec = {"epoch": epoch + 1, "loss": sums[0].item() / n, "reconstruction": sums[1].item() / n,
                "kl": sums[2].item() / n, "beta": beta, "lr": lr, "examples": int(sums[3].item()),
-               "examples_per_s": sums[3].item() / seconds, "seconds": seconds, "workers": world}
+               "examples_per_s": sums[3].item() / seconds, "seconds": seconds, "workers": world,
+               "data_wait_s": sums[4].item() / world}
         history.append(rec)
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
@@ -207,7 +215,8 @@ def train_loop(spec: dict) -> None:
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
                 print(f"[purifier] epoch {epoch + 1}/{p.epochs}: loss {rec['loss']:.2f} (reconstruction "
                       f"{rec['reconstruction']:.2f}, KL {rec['kl']:.2f}, beta {beta:.2f}), lr {lr:.3g}, "
-                      f"{rec['examples_per_s']:.0f} examples/s", flush=True)
+                      f"{rec['examples_per_s']:.0f} examples/s, waited {rec['data_wait_s']:.1f} s of {seconds:.1f} s "
+                      f"on data", flush=True)
             ray.train.report({k: v for k, v in rec.items()}, checkpoint=checkpoint)
 
 
