@@ -118,6 +118,7 @@ def user_error(exc: BaseException) -> str | None:
     """The one-line message of a user-facing error (bad data, checkpoint or store file) anywhere in the chain
     of ``exc``, including errors raised inside Ray tasks and actors; None when it is not one (a bug)."""
     from .data import DataError
+    from .evaluation import EvalError
     from .models import ModelError
 
     seen = set()
@@ -127,7 +128,7 @@ def user_error(exc: BaseException) -> str | None:
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, (DataError, ModelError, StoreError, UpstreamMissing, StageNotBuilt)) \
+        if isinstance(e, (DataError, EvalError, ModelError, StoreError, UpstreamMissing, StageNotBuilt)) \
                 and not type(e).__module__.startswith("ray"):
             return str(e).strip().splitlines()[0]
         stack += [getattr(e, "cause", None), e.__cause__, e.__context__]

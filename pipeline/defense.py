@@ -1,0 +1,76 @@
+"""CARSO at inference: one differentiable module from input pixels to aggregated log-probabilities.
+
+    x -> classifier (hooks on the conditioning layers) -> purifier.encode_condition
+      -> decoder on N draws of z ~ N(0, I) -> the same classifier on every reconstruction
+      -> aggregation over the N logit vectors -> log-probabilities (usable as logits by any attack)
+
+Aggregations (section 4.5, appendix D), all returning log P:
+- ``robust``:  P_i ∝ prod_a exp(exp(l_i^a)), i.e. log P = log_softmax_i(S_i) with S_i = sum_a exp(l_i^a).
+  exp(l) overflows float32 above l ~ 88 and exp(exp(l)) above l ~ 4.5, so S is formed as
+  exp(m) * sum_a exp(l_i^a - m) with m the input's largest logit, and log P = S - logsumexp(S) by a stable
+  log_softmax. Exact (to float32 rounding) for logits below 80; above, exp(m) is capped at exp(80), which
+  keeps S finite and the arg max unchanged where the exact log P of every loser is already far below -1e30.
+- ``logit``: P_i ∝ exp(mean_a l_i^a).
+- ``prob``:  P_i = mean_a softmax(l^a)_i.
+
+Everything is differentiable: BatchNorm runs in eval mode, nothing is detached, and every call draws
+fresh latent samples.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .models.hooks import capture
+
+AGGREGATIONS = ("robust", "logit", "prob")
+
+
+def robust_log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """``logits``: (N samples, B, C). Returns log P (B, C) of the double-exponential aggregation."""
+    m = logits.amax(dim=(0, 2), keepdim=True)                       # (1, B, 1): largest logit per input
+    scaled = torch.exp(logits - m).sum(dim=0)                       # S_i * exp(-m), in (0, N]
+    s = scaled * torch.exp(torch.clamp(m.squeeze(0), max=80.0))     # S_i, finite in float32
+    return F.log_softmax(s, dim=1)                                  # S_i - logsumexp_j S_j, stably
+
+
+def aggregate(logits: torch.Tensor, mode: str) -> torch.Tensor:
+    if mode == "robust":
+        return robust_log_probs(logits)
+    if mode == "logit":
+        return F.log_softmax(logits.mean(0), dim=1)
+    if mode == "prob":
+        return torch.logsumexp(F.log_softmax(logits, dim=2), dim=0) - torch.log(torch.tensor(float(logits.shape[0])))
+    raise ValueError(f"unknown aggregation {mode!r} (choose from {', '.join(AGGREGATIONS)})")
+
+
+class Carso(nn.Module):
+    """classifier + purifier decoder, end to end. ``forward(x)`` returns aggregated log-probabilities."""
+
+    def __init__(self, classifier: nn.Module, purifier: nn.Module, layers: list[str], samples: int = 8,
+                 aggregation: str = "robust"):
+        super().__init__()
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"unknown aggregation {aggregation!r}")
+        self.classifier, self.purifier = classifier.eval(), purifier.eval()
+        self.layers, self.samples, self.aggregation = list(layers), samples, aggregation
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+    def train(self, mode: bool = True):  # BatchNorm stays in eval mode whatever an attack library asks
+        return super().train(False)
+
+    def reconstructions(self, x: torch.Tensor) -> torch.Tensor:
+        """(samples, B, C, H, W) reconstructions of ``x`` from fresh latent draws."""
+        with capture(self.classifier, self.layers) as acts:
+            self.classifier(x)
+        recon = self.purifier.sample([acts[n] for n in self.layers], self.samples)
+        return recon.view(self.samples, x.shape[0], *recon.shape[1:])
+
+    def sample_logits(self, x: torch.Tensor) -> torch.Tensor:
+        rec = self.reconstructions(x)
+        return self.classifier(rec.flatten(0, 1)).view(self.samples, x.shape[0], -1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return aggregate(self.sample_logits(x), self.aggregation)
