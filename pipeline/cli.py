@@ -99,6 +99,25 @@ def status(config, overrides, store):
 
 
 @main.command()
+@config_option
+@set_option
+@store_option
+def plan(config, overrides, store):
+    """Before launching anything: the stage graph with cache status, the work and the bytes of each stage."""
+    from .plan import plan_lines
+
+    ctx = _context(config, overrides, store, None)
+    try:
+        lines = plan_lines(ctx)
+    except Exception as exc:  # noqa: BLE001
+        msg = runner.user_error(exc)
+        if msg is None:
+            raise
+        _fail(msg, EXIT_FAILED)
+    click.echo("\n".join(lines))
+
+
+@main.command()
 @click.option("--config", "-c", "config", default=None, metavar="FILE",
               help="Verify only the outputs of this config (default: every output in the store).")
 @set_option
