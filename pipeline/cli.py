@@ -132,7 +132,7 @@ def verify(config, overrides, store):
         for s in runner.STAGES:
             try:
                 out = ctx.output(s)
-            except (runner.UpstreamMissing, AttributeError):
+            except runner.UpstreamMissing:
                 continue
             if out.is_complete():
                 outputs.append(out)

@@ -23,10 +23,6 @@ DEPENDS = {"classifier": [], "attacks": ["classifier"], "activations": ["attacks
            "evaluate": ["purifier"]}
 
 
-class StageNotBuilt(RuntimeError):
-    """The stage exists in the graph but has no implementation yet."""
-
-
 class UpstreamMissing(RuntimeError):
     """A stage's key depends on an upstream output that does not exist yet."""
 
@@ -66,8 +62,6 @@ def stage_module(stage: str):
 
 def run_stage(ctx: Context, stage: str) -> Output:
     mod = stage_module(stage)
-    if not hasattr(mod, "run"):
-        raise StageNotBuilt(f"stage '{stage}' is not implemented yet in this version")
     out = ctx.output(stage, create=False)
     if out.is_complete():
         ctx.log(f"[{stage}] cache hit: {out.dir} (key {out.key})")
@@ -95,10 +89,6 @@ def status(ctx: Context) -> list[tuple[str, str, str]]:
     """(stage, state, location) for every stage of the graph."""
     rows = []
     for stage in STAGES:
-        mod = stage_module(stage)
-        if not hasattr(mod, "run"):
-            rows.append((stage, "not implemented", "-"))
-            continue
         try:
             out = ctx.output(stage)
         except UpstreamMissing as exc:
@@ -128,7 +118,7 @@ def user_error(exc: BaseException) -> str | None:
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, (DataError, EvalError, ModelError, StoreError, UpstreamMissing, StageNotBuilt)) \
+        if isinstance(e, (DataError, EvalError, ModelError, StoreError, UpstreamMissing)) \
                 and not type(e).__module__.startswith("ray"):
             return str(e).strip().splitlines()[0]
         stack += [getattr(e, "cause", None), e.__cause__, e.__context__]

@@ -45,8 +45,3 @@ def test_missing_data_is_one_line_exit_1(tmp_path):
             "--set", f"data.data_dir={tmp_path / 'nothing'}")
     assert r.returncode == 1
     assert r.stderr.strip().splitlines()[-1].startswith("error: fmnist: IDX file not found at")
-
-
-def test_unbuilt_stage_exits_nonzero(tmp_path, fmnist_dir):
-    r = cli("run", "--stage", "evaluate", "--config", "configs/fmnist.yaml", "--store", str(tmp_path / "s"))
-    assert r.returncode != 0 and "not implemented" in r.stderr

@@ -113,7 +113,7 @@ def _cli_args(store, data_dir, *extra):
 @pytest.mark.slow
 def test_killed_training_resumes_from_last_checkpoint(store, data_dir, tmp_path):
     copy = tmp_path / "store"
-    shutil.copytree(store, copy)
+    shutil.copytree(store, copy, ignore=shutil.ignore_patterns("purifier"))  # no other run's checkpoints
     extra = ["purifier.epochs=30", "purifier.anneal_epochs=28"]
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "--stage", "purifier",
                              *_cli_args(copy, data_dir, *extra)], cwd=REPO, stdout=subprocess.DEVNULL,
