@@ -100,6 +100,38 @@ def status(config, overrides, store):
 
 @main.command()
 @config_option
+@click.option("--grid", "grid_items", multiple=True, metavar="KEY=V1,V2",
+              help="A setting and its values, e.g. --grid eval.aggregation=robust,logit,prob or "
+                   "--grid 'purifier.layers=[conv1],[conv2,conv3]' (repeatable; every combination runs).")
+@click.option("--grid-file", default=None, metavar="FILE",
+              help="YAML file with 'grid: {key: [values]}', e.g. configs/ablations/fmnist.yaml.")
+@set_option
+@store_option
+@ray_option
+@click.option("--workers", type=click.IntRange(min=1), default=None, metavar="N", help="As for `run`.")
+def sweep(config, grid_items, grid_file, overrides, store, ray_address, workers):
+    """Run every combination of a grid of (downstream) settings, reusing cached upstream outputs, and write
+    one comparison table (markdown and CSV)."""
+    from .sweep import parse_grid, run_sweep, validate
+
+    try:
+        grid = parse_grid(grid_items, grid_file)
+        validate(config, overrides, grid)
+    except ConfigError as exc:
+        _fail(str(exc), EXIT_CONFIG)
+    try:
+        run_sweep(config, overrides, grid, runner.store_root(store), ray_address, workers)
+    except KeyboardInterrupt:
+        _fail("interrupted; run the same command again to resume", 130)
+    except Exception as exc:  # noqa: BLE001
+        msg = runner.user_error(exc)
+        if msg is None:
+            raise
+        _fail(msg, EXIT_FAILED)
+
+
+@main.command()
+@config_option
 @set_option
 @store_option
 def plan(config, overrides, store):

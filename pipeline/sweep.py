@@ -1,0 +1,113 @@
+"""`pipeline sweep`: every combination of a grid of settings, each run through the whole stage graph (so
+unchanged upstream stages are cache hits), and one comparison table (markdown + CSV) across the runs."""
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+from pathlib import Path
+
+import yaml
+
+from .config import ConfigError, fingerprint, load_config, parse_override
+from .log import echo
+from .store import atomic_write_bytes, atomic_write_json
+
+COLUMNS = ["AT/Cl", "C/Cl", "AT/AA", "C/randAA", "C/randAA fresh mean", "C/randAA fresh worst", "PGD+EOT fresh mean"]
+
+
+def split_values(text: str) -> list[str]:
+    """Split ``v1,v2,[a,b]`` on commas outside brackets."""
+    out, depth, cur = [], 0, ""
+    for ch in text:
+        if ch == "," and depth == 0:
+            out.append(cur)
+            cur = ""
+            continue
+        depth += ch in "[{"
+        depth -= ch in "]}"
+        cur += ch
+    out.append(cur)
+    return [v.strip() for v in out if v.strip()]
+
+
+def parse_grid(items: tuple[str, ...], grid_file: str | None) -> dict[str, list]:
+    grid: dict[str, list] = {}
+    if grid_file:
+        p = Path(grid_file)
+        if not p.is_file():
+            raise ConfigError(str(p), "", "grid file not found")
+        raw = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(raw, dict) or not isinstance(raw.get("grid"), dict):
+            raise ConfigError(str(p), "grid", "expected a mapping 'grid: {key: [values, ...]}'")
+        for k, vs in raw["grid"].items():
+            if not isinstance(vs, list) or not vs:
+                raise ConfigError(str(p), f"grid.{k}", "expected a non-empty list of values")
+            grid[k] = vs
+    for item in items:
+        key, _ = parse_override(item)
+        grid[key] = [yaml.safe_load(v) for v in split_values(item.partition("=")[2])]
+    if not grid:
+        raise ConfigError("--grid", "", "give at least one --grid key=v1,v2 or --grid-file")
+    return grid
+
+
+def _override(key: str, value) -> str:
+    return f"{key}={json.dumps(value)}"
+
+
+def combinations(grid: dict[str, list]) -> list[dict]:
+    keys = list(grid)
+    return [dict(zip(keys, vals)) for vals in itertools.product(*(grid[k] for k in keys))]
+
+
+def validate(config: str, overrides: tuple[str, ...], grid: dict[str, list]) -> list:
+    """Every combination's config, validated before anything runs."""
+    return [load_config(config, [*overrides, *(_override(k, v) for k, v in combo.items())])
+            for combo in combinations(grid)]
+
+
+def run_sweep(config: str, overrides: tuple[str, ...], grid: dict[str, list], store, ray_address=None,
+              workers=None, log=echo) -> Path:
+    from . import runner
+
+    cfgs = validate(config, overrides, grid)
+    combos = combinations(grid)
+    rows = []
+    for i, (combo, cfg) in enumerate(zip(combos, cfgs), 1):
+        log(f"[sweep] run {i}/{len(combos)}: " + ", ".join(f"{k}={json.dumps(v)}" for k, v in combo.items()))
+        ctx = runner.Context(cfg=cfg, store=store, ray_address=ray_address, workers=workers, log=log)
+        outs = dict(zip(runner.STAGES, runner.run(ctx, "all")))
+        res = json.loads((outs["evaluate"].dir / "results.json").read_text())
+        rows.append({"combo": combo, "summary": res["summary"], "reduced_strength": res["reduced_strength"],
+                     "points": res["points"], "keys": {s: o.key for s, o in outs.items()}})
+    sweep_dir = store.root / cfgs[0].data.dataset / "sweeps" / fingerprint(config, list(overrides), grid)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(sweep_dir / "sweep.json", {"config": config, "overrides": list(overrides), "grid": grid,
+                                                  "runs": rows})
+    atomic_write_bytes(sweep_dir / "comparison.csv", _csv(grid, rows).encode())
+    (sweep_dir / "comparison.md").write_text(_markdown(grid, rows))
+    log(f"[sweep] {len(rows)} run(s); comparison: {sweep_dir / 'comparison.md'}")
+    return sweep_dir
+
+
+def _csv(grid: dict, rows: list[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow([*grid, *COLUMNS, "points", "reduced_strength", "evaluate_key"])
+    for r in rows:
+        w.writerow([json.dumps(r["combo"][k]) for k in grid] + [f"{r['summary'][c]:.4f}" for c in COLUMNS]
+                   + [r["points"], r["reduced_strength"], r["keys"]["evaluate"]])
+    return buf.getvalue()
+
+
+def _markdown(grid: dict, rows: list[dict]) -> str:
+    head = [*grid, *COLUMNS, "points"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for r in rows:
+        cells = [f"`{json.dumps(r['combo'][k])}`" for k in grid] + [f"{100 * r['summary'][c]:.2f}%" for c in COLUMNS]
+        lines.append("| " + " | ".join(cells + [str(r["points"])]) + " |")
+    note = ("**REDUCED STRENGTH** in at least one run: see each run's report.md for its settings.\n\n"
+            if any(r["reduced_strength"] for r in rows) else "")
+    return "# Sweep comparison\n\n" + note + "\n".join(lines) + "\n"

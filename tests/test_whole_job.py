@@ -1,0 +1,56 @@
+"""The whole job through the CLI: `--stage all`, the same again as cache hits, then a sweep that reuses every
+upstream output."""
+import csv
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import REPO, make_fmnist
+from tests.test_evaluate_stage import SETS
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, cwd=REPO)
+
+
+@pytest.mark.slow
+def test_all_then_cache_hits_then_sweep_reuses_upstream(tmp_path):
+    data = make_fmnist(tmp_path / "fmnist", n_train=256, n_test=64)
+    store = tmp_path / "store"
+    args = ["--config", "configs/fmnist.yaml", "--store", str(store),
+            *[a for s in [f"data.data_dir={data}", *SETS] for a in ("--set", s)]]
+    r = cli("run", "--stage", "all", *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "[evaluate] report: " in r.stderr
+    t0 = time.perf_counter()
+    again = cli("run", "--stage", "all", *args)
+    assert again.returncode == 0 and again.stderr.count("cache hit") == 5 and "[ray]" not in again.stderr
+    assert time.perf_counter() - t0 < 60
+
+    s = cli("sweep", *args, "--grid", "eval.aggregation=robust,logit")
+    assert s.returncode == 0, s.stderr[-3000:]
+    for stage in ("classifier", "attacks", "activations", "purifier"):
+        assert s.stderr.count(f"[{stage}] cache hit") == 2, stage  # nothing upstream recomputed
+    assert s.stderr.count("[evaluate] cache hit") == 1 and s.stderr.count("[evaluate] running") == 1
+    (comparison,) = list(store.glob("fmnist/sweeps/*/comparison.csv"))
+    rows = list(csv.DictReader(comparison.open()))
+    assert [r["eval.aggregation"] for r in rows] == ['"robust"', '"logit"'] and all(r["C/randAA"] for r in rows)
+    assert "REDUCED STRENGTH" in (comparison.parent / "comparison.md").read_text()
+
+
+def test_sweep_grid_errors_are_config_errors(tmp_path):
+    r = cli("sweep", "--config", "configs/fmnist.yaml", "--store", str(tmp_path), "--grid", "eval.aggregation=mean")
+    assert r.returncode == 2 and "eval.aggregation" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = cli("sweep", "--config", "configs/fmnist.yaml", "--store", str(tmp_path))
+    assert r.returncode == 2 and "--grid" in r.stderr
+
+
+def test_grid_values_split_outside_brackets():
+    from pipeline.sweep import parse_grid
+
+    g = parse_grid(("purifier.layers=[conv1,conv2],[conv3]", "eval.samples=4,8"), None)
+    assert g == {"purifier.layers": [["conv1", "conv2"], ["conv3"]], "eval.samples": [4, 8]}
+    g = parse_grid((), str(REPO / "configs/ablations/fmnist.yaml"))
+    assert g["eval.aggregation"] == ["robust", "logit", "prob"] and len(g["purifier.layers"]) == 2
