@@ -28,6 +28,20 @@ def _context(config: str, overrides: tuple[str, ...], store: str, ray_address: s
     return runner.Context(cfg=cfg, store=runner.store_root(store), ray_address=ray_address, workers=workers)
 
 
+def _dispatch(fn, *args):
+    """Call into the runner: user-facing errors (bad data, checkpoint, store file) become one line and exit 1,
+    Ctrl-C says how to resume, anything else is a bug and keeps its traceback."""
+    try:
+        return fn(*args)
+    except KeyboardInterrupt:
+        _fail("interrupted; run the same command again to resume", 130)
+    except Exception as exc:  # noqa: BLE001
+        msg = runner.user_error(exc)
+        if msg is None:
+            raise
+        _fail(msg, EXIT_FAILED)
+
+
 config_option = click.option("--config", "-c", "config", required=True, metavar="FILE",
                              help="YAML run config, e.g. configs/fmnist.yaml (the default scenario).")
 set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
@@ -37,6 +51,9 @@ store_option = click.option("--store", default="./runs", show_default=True, meta
                             help="Root of the content-addressed store (on a cluster: a path every node sees).")
 ray_option = click.option("--ray-address", default=None, metavar="ADDR",
                           help="Ray cluster to join: 'auto' or ray://host:port. Default: start a local Ray instance.")
+workers_option = click.option("--workers", type=click.IntRange(min=1), default=None, metavar="N",
+                              help="Model workers per stage (Ray actors / Train workers / evaluation tasks). "
+                                   "Default: one per GPU, or 1 on CPU. Never changes results or store keys.")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -62,21 +79,10 @@ def main() -> None:
 @set_option
 @store_option
 @ray_option
-@click.option("--workers", type=click.IntRange(min=1), default=None, metavar="N",
-              help="Model workers per stage (Ray actors / Train workers). Default: one per GPU, or 1 on CPU. "
-                   "Never changes results or store keys.")
+@workers_option
 def run(config, stage, overrides, store, ray_address, workers):
     """Run one stage (or all) for a config; finished outputs are reused, partial ones resumed."""
-    ctx = _context(config, overrides, store, ray_address, workers)
-    try:
-        runner.run(ctx, stage)
-    except KeyboardInterrupt:
-        _fail("interrupted; run the same command again to resume", 130)
-    except Exception as exc:  # noqa: BLE001 - user errors become one line; anything else is a bug: re-raise
-        msg = runner.user_error(exc)
-        if msg is None:
-            raise
-        _fail(msg, EXIT_FAILED)
+    _dispatch(runner.run, _context(config, overrides, store, ray_address, workers), stage)
 
 
 @main.command()
@@ -85,14 +91,7 @@ def run(config, stage, overrides, store, ray_address, workers):
 @store_option
 def status(config, overrides, store):
     """Show what exists in the store for a config (complete, partial, missing)."""
-    ctx = _context(config, overrides, store, None)
-    try:
-        rows = runner.status(ctx)
-    except Exception as exc:  # noqa: BLE001
-        msg = runner.user_error(exc)
-        if msg is None:
-            raise
-        _fail(msg, EXIT_FAILED)
+    rows = _dispatch(runner.status, _context(config, overrides, store, None))
     width = max(len(r[0]) for r in rows)
     for stage, state, where in rows:
         click.echo(f"{stage:<{width}}  {state:<22}  {where}")
@@ -108,7 +107,7 @@ def status(config, overrides, store):
 @set_option
 @store_option
 @ray_option
-@click.option("--workers", type=click.IntRange(min=1), default=None, metavar="N", help="As for `run`.")
+@workers_option
 def sweep(config, grid_items, grid_file, overrides, store, ray_address, workers):
     """Run every combination of a grid of (downstream) settings, reusing cached upstream outputs, and write
     one comparison table (markdown and CSV)."""
@@ -119,15 +118,7 @@ def sweep(config, grid_items, grid_file, overrides, store, ray_address, workers)
         validate(config, overrides, grid)
     except ConfigError as exc:
         _fail(str(exc), EXIT_CONFIG)
-    try:
-        run_sweep(config, overrides, grid, runner.store_root(store), ray_address, workers)
-    except KeyboardInterrupt:
-        _fail("interrupted; run the same command again to resume", 130)
-    except Exception as exc:  # noqa: BLE001
-        msg = runner.user_error(exc)
-        if msg is None:
-            raise
-        _fail(msg, EXIT_FAILED)
+    _dispatch(run_sweep, config, overrides, grid, runner.store_root(store), ray_address, workers)
 
 
 @main.command()
@@ -138,14 +129,7 @@ def plan(config, overrides, store):
     """Before launching anything: the stage graph with cache status, the work and the bytes of each stage."""
     from .plan import plan_lines
 
-    ctx = _context(config, overrides, store, None)
-    try:
-        lines = plan_lines(ctx)
-    except Exception as exc:  # noqa: BLE001
-        msg = runner.user_error(exc)
-        if msg is None:
-            raise
-        _fail(msg, EXIT_FAILED)
+    lines = _dispatch(plan_lines, _context(config, overrides, store, None))
     click.echo("\n".join(lines))
 
 

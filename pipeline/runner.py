@@ -81,8 +81,17 @@ def run_stage(ctx: Context, stage: str) -> Output:
 
 
 def run(ctx: Context, stage: str) -> list[Output]:
-    order = list(STAGES) if stage == "all" else [stage]
-    return [run_stage(ctx, s) for s in order]
+    """Run one stage, or all of them in order. With ``purifier.activations_source: recompute`` nothing reads
+    the cached activations, so ``all`` skips that stage (for WRN-28-10 it would write terabytes)."""
+    if stage != "all":
+        return [run_stage(ctx, stage)]
+    outs = []
+    for s in STAGES:
+        if s == "activations" and ctx.cfg.purifier.activations_source == "recompute":
+            ctx.log("[activations] skipped: purifier.activations_source is 'recompute'")
+            continue
+        outs.append(run_stage(ctx, s))
+    return outs
 
 
 def status(ctx: Context) -> list[tuple[str, str, str]]:

@@ -78,7 +78,7 @@ def run_sweep(config: str, overrides: tuple[str, ...], grid: dict[str, list], st
     for i, (combo, cfg) in enumerate(zip(combos, cfgs), 1):
         log(f"[sweep] run {i}/{len(combos)}: " + ", ".join(f"{k}={json.dumps(v)}" for k, v in combo.items()))
         ctx = runner.Context(cfg=cfg, store=store, ray_address=ray_address, workers=workers, log=log)
-        outs = dict(zip(runner.STAGES, runner.run(ctx, "all")))
+        outs = {o.stage: o for o in runner.run(ctx, "all")}
         res = json.loads((outs["evaluate"].dir / "results.json").read_text())
         rows.append({"combo": combo, "summary": res["summary"], "reduced_strength": res["reduced_strength"],
                      "points": res["points"], "keys": {s: o.key for s, o in outs.items()}})
@@ -88,6 +88,10 @@ def run_sweep(config: str, overrides: tuple[str, ...], grid: dict[str, list], st
                                                   "runs": rows})
     atomic_write_bytes(sweep_dir / "comparison.csv", _csv(grid, rows).encode())
     (sweep_dir / "comparison.md").write_text(_markdown(grid, rows))
+    if list(grid) == ["eval.eps"]:
+        eps_figure(rows, sweep_dir / "robust_accuracy_vs_eps.png")
+        with open(sweep_dir / "comparison.md", "a") as f:
+            f.write("\n![robust accuracy against eps](robust_accuracy_vs_eps.png)\n")
     log(f"[sweep] {len(rows)} run(s); comparison: {sweep_dir / 'comparison.md'}")
     return sweep_dir
 
@@ -111,3 +115,32 @@ def _markdown(grid: dict, rows: list[dict]) -> str:
     note = ("**REDUCED STRENGTH** in at least one run: see each run's report.md for its settings.\n\n"
             if any(r["reduced_strength"] for r in rows) else "")
     return "# Sweep comparison\n\n" + note + "\n".join(lines) + "\n"
+
+
+def eps_figure(rows: list[dict], png: Path) -> None:
+    """Robust accuracy against eps: the classifier alone (standard AutoAttack) and CARSO (randAA, as the runner
+    scores it and re-scored on fresh draws; PGD+EOT)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = sorted((r["combo"]["eval.eps"], r["summary"], r["reduced_strength"]) for r in rows)
+    eps = [p[0] for p in pts]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for key, label, style in (("AT/AA", "classifier alone, AutoAttack", "o-"),
+                              ("C/randAA", "CARSO, randAA (runner)", "s-"),
+                              ("C/randAA fresh mean", "CARSO, randAA (fresh draws)", "s--"),
+                              ("PGD+EOT fresh mean", "CARSO, PGD+EOT", "^:")):
+        ax.plot(eps, [100 * p[1][key] for p in pts], style, label=label)
+    ax.set_xlabel("L-inf eps")
+    ax.set_ylabel("robust accuracy (%)")
+    title = "robust accuracy against eps"
+    ax.set_title(title + (" (REDUCED STRENGTH)" if any(p[2] for p in pts) else ""), fontsize=9)
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = png.with_name(".tmp-" + png.name)
+    fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    tmp.replace(png)

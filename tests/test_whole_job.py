@@ -39,6 +39,11 @@ def test_all_then_cache_hits_then_sweep_reuses_upstream(tmp_path):
     assert [r["eval.aggregation"] for r in rows] == ['"robust"', '"logit"'] and all(r["C/randAA"] for r in rows)
     assert "REDUCED STRENGTH" in (comparison.parent / "comparison.md").read_text()
 
+    e = cli("sweep", *args, "--grid", "eval.eps=0.05,0.1")
+    assert e.returncode == 0, e.stderr[-3000:]
+    (png,) = list(store.glob("fmnist/sweeps/*/robust_accuracy_vs_eps.png"))
+    assert png.read_bytes()[:4] == b"\x89PNG" and "robust_accuracy_vs_eps.png" in (png.parent / "comparison.md").read_text()
+
 
 def test_sweep_grid_errors_are_config_errors(tmp_path):
     r = cli("sweep", "--config", "configs/fmnist.yaml", "--store", str(tmp_path), "--grid", "eval.aggregation=mean")
