@@ -83,14 +83,14 @@ def run_stage(ctx: Context, stage: str) -> Output:
 def run(ctx: Context, stage: str) -> list[Output]:
     """Run one stage, or all of them in order. With ``purifier.activations_source: recompute`` nothing reads
     the cached activations, so ``all`` skips that stage (for WRN-28-10 it would write terabytes)."""
-    if stage != "all":
-        return [run_stage(ctx, stage)]
     outs = []
-    for s in STAGES:
-        if s == "activations" and ctx.cfg.purifier.activations_source == "recompute":
+    for s in (STAGES if stage == "all" else [stage]):
+        if stage == "all" and s == "activations" and ctx.cfg.purifier.activations_source == "recompute":
             ctx.log("[activations] skipped: purifier.activations_source is 'recompute'")
             continue
         outs.append(run_stage(ctx, s))
+    if outs[-1].stage == "evaluate":
+        ctx.log(f"[evaluate] report: {outs[-1].dir / 'report.md'}")
     return outs
 
 

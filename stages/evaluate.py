@@ -140,4 +140,3 @@ def run(ctx: Context, out: Output) -> None:
                  extra={"summary": results["summary"], "reduced_strength": results["reduced_strength"]})
     for line in report.summary_lines(results):
         ctx.log(f"[evaluate] {line}")
-    ctx.log(f"[evaluate] report: {out.dir / 'report.md'}")
