@@ -15,10 +15,9 @@ from pathlib import Path
 from pipeline.attacks import KINDS
 from pipeline.config import fingerprint, to_dict
 from pipeline.runner import Context, data_identity
-from pipeline.store import Output
+from pipeline.store import Output, array_sha256
 
 from . import _pool
-from .classifier import _array_sha256
 
 
 def effective_eps(cfg) -> float:
@@ -128,7 +127,7 @@ def run(ctx: Context, out: Output) -> None:
         raise RuntimeError(f"[attacks] units {missing[:3]} produced no receipt")
     files = [f for u in all_units for f in receipts[u["unit"]]["files"]]
     out.finalize(config={"data": to_dict(cfg.data), "attack": to_dict(cfg.attack)},
-                 inputs={"train": data_identity(cfg, "train"), "train_data_sha256": _array_sha256(x, y),
+                 inputs={"train": data_identity(cfg, "train"), "train_data_sha256": array_sha256(x, y),
                          "classifier": _classifier_identity(ctx)},
                  files=files,
                  counts={"examples": n, "samples": 5 * n, "shards": len(all_units), "shard_size": S},

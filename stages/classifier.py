@@ -7,13 +7,12 @@ store, so the task may land on any node.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import time
 from pathlib import Path
 
 from pipeline.config import fingerprint
 from pipeline.runner import Context, data_identity
-from pipeline.store import Output, atomic_write_json, file_record, sha256_file
+from pipeline.store import Output, array_sha256, atomic_write_json, file_record, sha256_file
 
 
 def key(ctx: Context) -> str:
@@ -36,13 +35,6 @@ def key(ctx: Context) -> str:
     return fingerprint(ident)
 
 
-def _array_sha256(*tensors) -> str:
-    h = hashlib.sha256()
-    for t in tensors:
-        h.update(t.contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
 def _obtain(cfg_dict: dict, train_ref, test_ref, out_dir: str, device: str, threads: int) -> dict:
     """Runs inside a Ray task: train or load, evaluate, save. Returns the metrics."""
     import torch
@@ -54,11 +46,10 @@ def _obtain(cfg_dict: dict, train_ref, test_ref, out_dir: str, device: str, thre
     torch.set_num_threads(threads)
     cfg = build(RunConfig, cfg_dict)
     c, t = cfg.classifier, cfg.classifier.train
+    torch.manual_seed(t.seed)  # weight initialisation
     model = build_classifier(c.arch, cfg.data.dataset, c.activation)
     history = []
     if c.source == "train":
-        torch.manual_seed(t.seed)  # weight init
-        model = build_classifier(c.arch, cfg.data.dataset, c.activation)
         x, y = train_ref
         history = adversarial_train(model, x, y, epochs=t.epochs, batch_size=t.batch_size, lr=t.lr,
                                     momentum=t.momentum, weight_decay=t.weight_decay, eps=t.eps,
@@ -100,7 +91,7 @@ def run(ctx: Context, out: Output) -> None:
     load_weights(model, load_state_dict_file(out.dir / "model.pt"), str(out.dir / "model.pt"))
     weights = state_dict_hash(model)
     metrics.update({"arch": cfg.classifier.arch, "source": cfg.classifier.source, "weights_sha256": weights,
-                    "test_data_sha256": _array_sha256(*test)})
+                    "test_data_sha256": array_sha256(*test)})
     atomic_write_json(out.dir / "metrics.json", metrics)
     ctx.log(f"[classifier] test accuracy: clean {metrics['clean_acc']:.4f}, PGD {metrics['pgd_acc']:.4f} "
             f"(Linf eps={metrics['attack']['eps']:g}, {metrics['attack']['steps']} steps of "
@@ -108,7 +99,7 @@ def run(ctx: Context, out: Output) -> None:
     files = [file_record(out.dir, out.dir / n) for n in ("model.pt", "metrics.json")]
     out.finalize(config={"data": to_dict(cfg.data), "classifier": to_dict(cfg.classifier)},
                  inputs={"test": data_identity(cfg, "test"),
-                         **({"train": data_identity(cfg, "train"), "train_data_sha256": _array_sha256(*train)}
+                         **({"train": data_identity(cfg, "train"), "train_data_sha256": array_sha256(*train)}
                             if train else {})},
                  files=files, counts={"test_examples": metrics["n"]},
                  timings={"total_s": time.perf_counter() - t0},
