@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gzip
+from contextlib import contextmanager
 import io
 import pickle
 import struct
@@ -94,3 +95,23 @@ def make_tinyimagenet(root: Path, wnids=("n01443537", "n01629819"), per_class: i
 @pytest.fixture
 def fmnist_dir(tmp_path) -> Path:
     return make_fmnist(tmp_path / "fmnist")
+
+
+@contextmanager
+def built_store(tmp_path_factory, make_ctx, data_dir, stages):
+    """A store with ``stages`` run on a real local Ray instance (shut down afterwards)."""
+    import ray
+
+    from pipeline import runner
+    from pipeline.cluster import connect
+
+    connect(None, log=lambda m: None)
+    root = tmp_path_factory.mktemp("store")
+    ctx = make_ctx(root, data_dir)
+    ctx._ray_ready = True
+    try:
+        for stage in stages:
+            runner.run(ctx, stage)
+        yield root
+    finally:
+        ray.shutdown()

@@ -11,7 +11,7 @@ import pytest
 
 from pipeline import runner
 from pipeline.config import load_config
-from tests.conftest import REPO, make_fmnist
+from tests.conftest import REPO, built_store, make_fmnist
 
 SETS = ["classifier.train.epochs=2", "classifier.train.batch_size=32", "data.test_subset=64", "attack.shard_size=64",
         "attack.batch_size=64", "attack.pgd_steps=3", "activations.chunk_rows=64", "purifier.batch_size=32",
@@ -36,17 +36,8 @@ def make_ctx(store, data_dir, *extra, workers=None):
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, data_dir):
-    from pipeline.cluster import connect
-
-    connect(None, log=lambda m: None)
-    root = tmp_path_factory.mktemp("store")
-    ctx = make_ctx(root, data_dir)
-    for s in ("classifier", "attacks", "activations", "purifier"):
-        runner.run(ctx, s)
-    yield root
-    import ray
-
-    ray.shutdown()
+    with built_store(tmp_path_factory, make_ctx, data_dir, ("classifier", "attacks", "activations", "purifier")) as root:
+        yield root
 
 
 def _chunks(out):

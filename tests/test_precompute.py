@@ -8,7 +8,6 @@ import subprocess
 import sys
 import tarfile
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -139,9 +138,8 @@ def test_layer_subset_reads_only_its_arrays(built, tmp_path):
 def test_cache_hit_and_key_reuse(built, data_dir):
     store = built["store"]
     ctx, logs = make_ctx(store, data_dir)
-    t0 = time.perf_counter()
     outs = runner.run(ctx, "activations")
-    assert "cache hit" in logs[-1] and time.perf_counter() - t0 < 30
+    assert "cache hit" in logs[-1]
     assert outs[0].dir == built["outs"]["activations"].dir
     # Downstream-only changes reuse every upstream key.
     ctx2, _ = make_ctx(store, data_dir, "purifier.fc_repr=64", "eval.samples=4", "purifier.layers=[conv1]")

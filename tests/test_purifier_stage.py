@@ -13,7 +13,7 @@ import torch
 
 from pipeline import runner
 from pipeline.config import load_config
-from tests.conftest import REPO, make_fmnist
+from tests.conftest import REPO, built_store, make_fmnist
 
 SETS = ["classifier.train.epochs=1", "classifier.train.batch_size=64", "data.test_subset=32", "attack.shard_size=64",
         "attack.batch_size=64", "attack.pgd_steps=3", "activations.chunk_rows=64", "purifier.batch_size=32",
@@ -35,18 +35,8 @@ def make_ctx(store, data_dir, *extra):
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, data_dir):
-    from pipeline.cluster import connect
-
-    connect(None, log=lambda m: None)
-    root = tmp_path_factory.mktemp("store")
-    ctx = make_ctx(root, data_dir)
-    ctx._ray_ready = True
-    for s in ("classifier", "attacks", "activations"):
-        runner.run(ctx, s)
-    yield root
-    import ray
-
-    ray.shutdown()
+    with built_store(tmp_path_factory, make_ctx, data_dir, ("classifier", "attacks", "activations")) as root:
+        yield root
 
 
 @pytest.mark.slow

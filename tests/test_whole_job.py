@@ -3,7 +3,6 @@ upstream output."""
 import csv
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -24,10 +23,8 @@ def test_all_then_cache_hits_then_sweep_reuses_upstream(tmp_path):
     r = cli("run", "--stage", "all", *args)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "[evaluate] report: " in r.stderr
-    t0 = time.perf_counter()
     again = cli("run", "--stage", "all", *args)
     assert again.returncode == 0 and again.stderr.count("cache hit") == 5 and "[ray]" not in again.stderr
-    assert time.perf_counter() - t0 < 60
 
     s = cli("sweep", *args, "--grid", "eval.aggregation=robust,logit")
     assert s.returncode == 0, s.stderr[-3000:]
