@@ -53,6 +53,7 @@ class ActivationWorker(_pool.UnitWorker):
         self.model = _pool.build_model(_pool.unbox(model_box), device)
         self.out = Output(Path(out_dir), "activations", "")
         self.attacks = Output(Path(attacks_dir), "attacks", "")
+        self.records = {r["name"]: r for r in self.attacks.manifest()["files"]}  # read once per actor
         self.layers, self.p = layers, params
 
     def do_unit(self, u: dict) -> dict:
@@ -62,8 +63,7 @@ class ActivationWorker(_pool.UnitWorker):
 
         unit, file, start_row, rows = str(u["unit"]), str(u["file"]), int(u["start_row"]), int(u["rows"])
         t0 = time.perf_counter()
-        rec = next(r for r in self.attacks.manifest()["files"] if r["name"] == file)
-        require_intact(self.attacks, rec)
+        require_intact(self.attacks, self.records[file])
         data = read_shard_arrays(self.attacks.dir / file)
         if len(data["label"]) != rows:
             raise RuntimeError(f"{self.attacks.dir / file}: {len(data['label'])} samples, expected {rows}")

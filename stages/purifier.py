@@ -63,8 +63,9 @@ class _ShardLoader:
         from pipeline.store import Output as Out
 
         self.attacks = Out(Path(spec["attacks_dir"]), "attacks", "")
-        self.records = {r["name"]: r for r in self.attacks.manifest()["files"]}
-        self.units = self.attacks.manifest()["units"]
+        manifest = self.attacks.manifest()
+        self.records = {r["name"]: r for r in manifest["files"]}
+        self.units = manifest["units"]
         self.reader = None
         if spec["source"] == "cache":
             from pipeline.zarr_store import ActivationReader
