@@ -38,7 +38,9 @@ def key(ctx: Context) -> str:
     attacks = ctx.upstream("attacks")
     return fingerprint({"stage": "activations", "attacks": attacks.key,
                         "weights_sha256": attacks.manifest()["inputs"]["classifier"]["weights_sha256"],
-                        "layers": resolve_layers(ctx), "activations": dataclasses.asdict(ctx.cfg.activations)})
+                        "layers": resolve_layers(ctx),  # resolved: null and the explicit default list share a key
+                        "activations": {k: v for k, v in dataclasses.asdict(ctx.cfg.activations).items()
+                                        if k != "layers"}})
 
 
 class ActivationWorker(_pool.UnitWorker):

@@ -41,7 +41,8 @@ def _source_key(ctx: Context) -> dict:
 
 
 def key(ctx: Context) -> str:
-    p = {k: v for k, v in dataclasses.asdict(ctx.cfg.purifier).items() if k != "workers"}
+    # ``layers`` enters through the resolved list only: null and the equivalent explicit list share a key.
+    p = {k: v for k, v in dataclasses.asdict(ctx.cfg.purifier).items() if k not in ("workers", "layers")}
     attacks = ctx.upstream("attacks")
     return fingerprint({"stage": "purifier", "attacks": attacks.key, **_source_key(ctx),
                         "weights_sha256": attacks.manifest()["inputs"]["classifier"]["weights_sha256"],

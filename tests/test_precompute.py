@@ -145,6 +145,11 @@ def test_cache_hit_and_key_reuse(built, data_dir):
     ctx2, _ = make_ctx(store, data_dir, "purifier.fc_repr=64", "eval.samples=4", "purifier.layers=[conv1]")
     for s in ("classifier", "attacks", "activations"):
         assert ctx2.output(s).dir == built["outs"][s].dir
+    assert ctx2.output("purifier").dir != ctx.output("purifier").dir
+    # A layer list enters keys resolved: the explicit default list is the same output as null.
+    ctx3, _ = make_ctx(store, data_dir, "purifier.layers=[conv1,conv2,conv3]", "activations.layers=[conv1,conv2,conv3]")
+    for s in ("activations", "purifier"):  # the evaluate key derives from the purifier key
+        assert ctx3.output(s).dir == ctx.output(s).dir
 
 
 def test_stale_keys_miss(built, data_dir):
