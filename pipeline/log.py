@@ -22,8 +22,18 @@ def human_seconds(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+def human_rate(per_second: float, unit: str) -> str:
+    """``12.3 examples/s``, or per minute / per hour when slower (a full-strength evaluation: ~1 point/min)."""
+    if per_second >= 1 or per_second == 0:
+        return f"{per_second:.1f} {unit}/s"
+    if per_second * 60 >= 1:
+        return f"{per_second * 60:.1f} {unit}/min"
+    return f"{per_second * 3600:.1f} {unit}/h"
+
+
 class Progress:
-    """Prints ``[stage] done/total unit (pct) | rate | ETA`` at most every ``every`` seconds, and at the end."""
+    """Prints ``[stage] done/total unit (pct) | rate | ETA`` at most every ``every`` seconds, and at the end.
+    Stages whose units take minutes pass ``every=0`` so that no finished unit goes unreported."""
 
     def __init__(self, stage: str, total: int, unit: str = "examples", every: float = 5.0, log=echo):
         self.stage, self.total, self.unit, self.every, self.log = stage, total, unit, every, log
@@ -40,7 +50,7 @@ class Progress:
             eta = (self.total - self.done) / rate if rate > 0 else float("inf")
             pct = 100.0 * self.done / self.total if self.total else 100.0
             eta_s = human_seconds(eta) if eta != float("inf") else "?"
-            self.log(f"[{self.stage}] {self.done}/{self.total} {self.unit} ({pct:.0f}%) | {rate:.1f} {self.unit}/s | "
+            self.log(f"[{self.stage}] {self.done}/{self.total} {self.unit} ({pct:.0f}%) | {human_rate(rate, self.unit)} | "
                      f"ETA {eta_s}")
 
     @property

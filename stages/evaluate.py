@@ -118,7 +118,7 @@ def run(ctx: Context, out: Output) -> None:
             f"{ev.pgd_eot_step_size:g}, EOT {ev.pgd_eot_iters}; {ev.samples} samples/input, {ev.aggregation} aggregation")
     task = ray.remote(evaluate_task).options(num_cpus=res["num_cpus"], num_gpus=res["num_gpus"], max_retries=1)
     pbox, dbox = _pool.ref_box(payloads), _pool.ref_box((x, y))
-    progress = Progress("evaluate", n, "points", log=ctx.log)
+    progress = Progress("evaluate", n, "points", every=0, log=ctx.log)  # chunks take minutes
     progress.done = sum(hi - lo for c, lo, hi in chunks if f"chunk-{c:04d}" in done)
     pending = [task.remote(pbox, dbox, str(out.dir), c, lo, hi, to_dict(ev), device_for(res), int(res["num_cpus"]))
                for c, lo, hi in todo]
