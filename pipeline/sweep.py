@@ -87,11 +87,11 @@ def run_sweep(config: str, overrides: tuple[str, ...], grid: dict[str, list], st
     atomic_write_json(sweep_dir / "sweep.json", {"config": config, "overrides": list(overrides), "grid": grid,
                                                   "runs": rows})
     atomic_write_bytes(sweep_dir / "comparison.csv", _csv(grid, rows).encode())
-    (sweep_dir / "comparison.md").write_text(_markdown(grid, rows))
+    md = _markdown(grid, rows)
     if list(grid) == ["eval.eps"]:
         eps_figure(rows, sweep_dir / "robust_accuracy_vs_eps.png")
-        with open(sweep_dir / "comparison.md", "a") as f:
-            f.write("\n![robust accuracy against eps](robust_accuracy_vs_eps.png)\n")
+        md += "\n![robust accuracy against eps](robust_accuracy_vs_eps.png)\n"
+    atomic_write_bytes(sweep_dir / "comparison.md", md.encode())
     log(f"[sweep] {len(rows)} run(s); comparison: {sweep_dir / 'comparison.md'}")
     return sweep_dir
 
