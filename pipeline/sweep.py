@@ -96,12 +96,17 @@ def run_sweep(config: str, overrides: tuple[str, ...], grid: dict[str, list], st
     return sweep_dir
 
 
+def _cell(value) -> str:
+    """A grid value as a table cell: strings as they are, anything else (numbers, lists) as JSON."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
 def _csv(grid: dict, rows: list[dict]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow([*grid, *COLUMNS, "points", "reduced_strength", "evaluate_key"])
     for r in rows:
-        w.writerow([json.dumps(r["combo"][k]) for k in grid] + [f"{r['summary'][c]:.4f}" for c in COLUMNS]
+        w.writerow([_cell(r["combo"][k]) for k in grid] + [f"{r['summary'][c]:.4f}" for c in COLUMNS]
                    + [r["points"], r["reduced_strength"], r["keys"]["evaluate"]])
     return buf.getvalue()
 
@@ -110,7 +115,7 @@ def _markdown(grid: dict, rows: list[dict]) -> str:
     head = [*grid, *COLUMNS, "points"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
-        cells = [f"`{json.dumps(r['combo'][k])}`" for k in grid] + [f"{100 * r['summary'][c]:.2f}%" for c in COLUMNS]
+        cells = [f"`{_cell(r['combo'][k])}`" for k in grid] + [f"{100 * r['summary'][c]:.2f}%" for c in COLUMNS]
         lines.append("| " + " | ".join(cells + [str(r["points"])]) + " |")
     note = ("**REDUCED STRENGTH** in at least one run: see each run's report.md for its settings.\n\n"
             if any(r["reduced_strength"] for r in rows) else "")

@@ -33,7 +33,7 @@ def test_all_then_cache_hits_then_sweep_reuses_upstream(tmp_path):
     assert s.stderr.count("[evaluate] cache hit") == 1 and s.stderr.count("[evaluate] running") == 1
     (comparison,) = list(store.glob("fmnist/sweeps/*/comparison.csv"))
     rows = list(csv.DictReader(comparison.open()))
-    assert [r["eval.aggregation"] for r in rows] == ['"robust"', '"logit"'] and all(r["C/randAA"] for r in rows)
+    assert [r["eval.aggregation"] for r in rows] == ["robust", "logit"] and all(r["C/randAA"] for r in rows)
     assert "REDUCED STRENGTH" in (comparison.parent / "comparison.md").read_text()
 
     e = cli("sweep", *args, "--grid", "eval.eps=0.05,0.1")
