@@ -116,6 +116,9 @@ def run(ctx: Context, out: Output) -> None:
     ctx.log(f"[evaluate] {n} test points in {len(chunks)} chunk(s) on {workers} worker(s) ({device_for(res)}), "
             f"eps {ev.eps:g}; randAA {ev.aa_steps} steps x EOT {ev.aa_eot}; PGD+EOT {ev.pgd_eot_steps} x "
             f"{ev.pgd_eot_step_size:g}, EOT {ev.pgd_eot_iters}; {ev.samples} samples/input, {ev.aggregation} aggregation")
+    if todo and (ctx.workers or 1) > len(todo):
+        ctx.log(f"[evaluate] {len(todo)} chunk(s) to run for {ctx.workers} workers: a chunk is the unit of "
+                f"parallelism, so a smaller eval.chunk_size would use them all (it changes the key and the seeds)")
     task = ray.remote(evaluate_task).options(num_cpus=res["num_cpus"], num_gpus=res["num_gpus"], max_retries=1)
     pbox, dbox = _pool.ref_box(payloads), _pool.ref_box((x, y))
     progress = Progress("evaluate", n, "points", every=0, log=ctx.log)  # chunks take minutes
