@@ -34,9 +34,9 @@ def main() -> None:
 
     from pipeline import runner
     from pipeline.balanced import BalancedBatches, steps_per_epoch
-    from pipeline.config import load_config, to_dict
-    from pipeline.models.purifier import vae_loss
-    from stages.purifier import _build, _conditioning, _optimizer, _ShardLoader, conditioning_layers, model_spec
+    from pipeline.config import load_config
+    from pipeline.purifier_train import build_optimizer, train_step
+    from stages.purifier import _build, _conditioning, _ShardLoader, conditioning_layers, model_spec
 
     torch.set_num_threads(args.threads)
     cfg = load_config(args.config)
@@ -69,17 +69,13 @@ def main() -> None:
     warm_s = time.perf_counter() - t0
 
     model = _build({"model": model_spec(ctx, layers)}).train()
-    opt = _optimizer(model, to_dict(p))
+    opt = build_optimizer(model, p)
     for g in opt.param_groups:
         g["lr"] = p.plateau_lr
     t0 = time.perf_counter()
     for b in held:
-        target = torch.from_numpy(b.targets)
-        x_hat, mu, logvar = model(target, _conditioning(b, None, layers, cfg.activations.dtype, "cpu"))
-        loss, _, _ = vae_loss(x_hat, target, mu, logvar, 1.0)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        train_step(model, opt, torch.from_numpy(b.inputs), torch.from_numpy(b.targets),
+                   _conditioning(b, None, layers, cfg.activations.dtype, "cpu"), 1.0)
     train_s = time.perf_counter() - t0
     print(json.dumps({"bench": "purifier_input", "config": args.config, "workers": args.workers,
                       "torch_threads": args.threads, "per_worker_batch": p.batch_size // args.workers, "steps": steps,

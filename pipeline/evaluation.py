@@ -5,7 +5,10 @@ Per chunk, with the attack settings written next to every number:
 - standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square) on the classifier alone;
 - AutoAttack's version for randomised defences (APGD-CE + APGD-DLR, EOT) on CARSO, end to end;
 - PGD+EOT on CARSO (Table 12);
-- the gradient-obfuscation check: the same randomised AutoAttack at eps = ``obfuscation_eps``.
+- the gradient-obfuscation check: the same randomised AutoAttack at eps = ``obfuscation_eps``;
+- before the attacks, cheap diagnostics of the purifier (``diagnostics``): purification of PGD examples
+  crafted against the classifier alone (the paper's appendix C question), and how stochastic CARSO is (do the
+  N reconstructions of a clean input disagree in prediction; per-pixel std across them).
 
 Scoring cannot flatter the defence: a point misclassified on its clean input is never robust; adversarial
 points returned by an attack are re-scored on ``fresh_draws`` new forward passes of the stochastic defence
@@ -20,7 +23,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-from .attacks import pgd_eot
+from .attacks import pgd, pgd_eot
+from .defense import Carso
 
 class EvalError(RuntimeError):
     """An evaluation setting that cannot be honoured here (e.g. a backend that is not installed)."""
@@ -117,28 +121,67 @@ def autoattack(model, x, y, *, version: str, eps: float, seed: int, batch_size: 
     return x_adv.detach(), y_adv.detach(), warns, settings
 
 
+# Table 12's PGD (the purifier's training attack), run against the classifier alone for the purification check.
+PURIFICATION_PGD = {"steps": 40, "step_size": 0.01}
+
+
+@torch.no_grad()
+def stochasticity(carso, x: torch.Tensor, batch_size: int) -> dict:
+    """Per point: do the predictions on its N reconstructions disagree, and the per-pixel std across the N
+    reconstructions (averaged over pixels and channels)."""
+    disagree, pixel_std = [], []
+    for i in range(0, len(x), batch_size):
+        rec = carso.reconstructions(x[i:i + batch_size])                       # (N, B, C, H, W)
+        pred = carso.classifier(rec.flatten(0, 1)).argmax(1).view(rec.shape[:2])
+        disagree += (pred != pred[0]).any(0).int().tolist()
+        pixel_std += rec.std(0, unbiased=False).flatten(1).mean(1).tolist()
+    return {"disagree": disagree, "pixel_std": pixel_std}
+
+
+def diagnostics(classifier, carso, x: torch.Tensor, y: torch.Tensor, ev, seed: int) -> dict:
+    """Purification (classifier and CARSO on PGD examples crafted against the classifier alone) and stochasticity
+    (on the clean inputs), per point."""
+    gen = torch.Generator().manual_seed(seed + 3)
+    xp = pgd(classifier, x, y, eps=ev.eps, generator=gen, **PURIFICATION_PGD)
+    return {"clf_pgd": (predict(classifier, xp, ev.batch_size) == y).int().tolist(),
+            "carso_pgd": fresh_draws(carso, xp, y, ev.fresh_draws, ev.batch_size).int().tolist(),
+            **stochasticity(carso, x, ev.batch_size),
+            "settings": {"attack": "PGD against the classifier alone", "norm": "Linf", "eps": ev.eps,
+                         **PURIFICATION_PGD, "random_start": True, "loss": "CE", "seed": seed + 3}}
+
+
 def _scored(model, x_adv, y, clean_ok, ev) -> dict:
     """Per-point outcomes of adversarial points: the fresh-draw correctness (and clean correctness)."""
     draws = fresh_draws(model, x_adv, y, ev.fresh_draws, ev.batch_size) & clean_ok
     return {"fresh": draws.int().tolist()}
 
 
+def classifier_baseline(classifier, x: torch.Tensor, y: torch.Tensor, ev, seed: int, device: str) -> dict:
+    """The classifier alone: clean accuracy and standard AutoAttack, per point. It depends only on the classifier,
+    the points, eps, the seed and the backend, never on the purifier or the aggregation, so the evaluate stage
+    computes it once and reuses it across a sweep's purifiers."""
+    x, y = x.to(device), y.to(device)
+    xa, ya, warns, settings = autoattack(classifier, x, y, version="standard", eps=ev.eps, seed=seed,
+                                         batch_size=ev.batch_size, device=device, backend=ev.backend)
+    return {"clf_clean": (predict(classifier, x, ev.batch_size) == y).int().tolist(),
+            "clf_aa": {"runner": (ya == y).int().tolist(), "warnings": warns, "settings": settings}}
+
+
 def evaluate_chunk(classifier, carso, x: torch.Tensor, y: torch.Tensor, ev, seed: int, device: str,
-                   keep_examples: int = 0) -> dict:
-    """All evaluations of one chunk. Returns JSON-serialisable per-point outcomes and settings."""
+                   keep_examples: int = 0, baseline: dict | None = None) -> dict:
+    """All evaluations of one chunk. Returns JSON-serialisable per-point outcomes and settings. ``baseline``:
+    the chunk's ``classifier_baseline`` when already known (it is computed here otherwise)."""
     x, y = x.to(device), y.to(device)
     out: dict = {"n": len(y), "seed": seed}
-    out["clf_clean"] = (predict(classifier, x, ev.batch_size) == y).int().tolist()
+    out.update(baseline if baseline is not None else classifier_baseline(classifier, x, y, ev, seed, device))
     torch.manual_seed(seed)
     carso_clean = fresh_draws(carso, x, y, ev.fresh_draws, ev.batch_size)
     out["carso_clean"] = carso_clean.int().tolist()
     clean_ok = carso_clean.all(0)  # a point any clean draw gets wrong counts as not robust
     out["carso_clean_ok"] = clean_ok.int().tolist()
+    out["diagnostics"] = diagnostics(classifier, carso, x, y, ev, seed)
 
-    xa, ya, warns, settings = autoattack(classifier, x, y, version="standard", eps=ev.eps, seed=seed,
-                                         batch_size=ev.batch_size, device=device, backend=ev.backend)
-    out["clf_aa"] = {"runner": (ya == y).int().tolist(), "warnings": warns, "settings": settings}
-
+    torch.manual_seed(seed + 5)  # randAA's own clean pass draws from the global generator
     xa, ya, warns, settings = autoattack(carso, x, y, version="rand", eps=ev.eps, seed=seed, batch_size=ev.batch_size,
                                          device=device, steps=ev.aa_steps, eot=ev.aa_eot, backend=ev.backend)
     out["carso_randaa"] = {"runner": ((ya == y) & clean_ok).int().tolist(), **_scored(carso, xa, y, clean_ok, ev),
@@ -146,17 +189,26 @@ def evaluate_chunk(classifier, carso, x: torch.Tensor, y: torch.Tensor, ev, seed
     if keep_examples:
         k = min(keep_examples, len(y))
         with torch.no_grad():
-            recon = carso.reconstructions(xa[:k])[0]
-        out["examples"] = {"x": x[:k].cpu(), "x_adv": xa[:k].cpu(), "recon": recon.cpu()}
+            recon_clean, recon_adv = carso.reconstructions(x[:k]), carso.reconstructions(xa[:k])
+        out["examples"] = {"x": x[:k].cpu(), "x_adv": xa[:k].cpu(), "recon": recon_adv[0].cpu(),
+                           "recon_clean_all": recon_clean.cpu(), "recon_adv_all": recon_adv.cpu()}
 
     torch.manual_seed(seed + 1)
     gen = torch.Generator().manual_seed(seed + 2)
     xp = pgd_eot(carso, x, y, eps=ev.eps, steps=ev.pgd_eot_steps, step_size=ev.pgd_eot_step_size,
                  eot=ev.pgd_eot_iters, generator=gen)
-    out["carso_pgd_eot"] = {**_scored(carso, xp, y, clean_ok, ev),
-                            "settings": {"attack": "PGD+EOT", "norm": "Linf", "eps": ev.eps, "steps": ev.pgd_eot_steps,
-                                         "step_size": ev.pgd_eot_step_size, "eot": ev.pgd_eot_iters,
-                                         "random_start": True, "loss": "CE", "seed": seed + 2}}
+    pgd_settings = {"attack": "PGD+EOT", "norm": "Linf", "eps": ev.eps, "steps": ev.pgd_eot_steps,
+                    "step_size": ev.pgd_eot_step_size, "eot": ev.pgd_eot_iters, "random_start": True, "loss": "CE"}
+    out["carso_pgd_eot"] = {**_scored(carso, xp, y, clean_ok, ev), "settings": {**pgd_settings, "seed": seed + 2}}
+    if ev.pgd_eot_logit_surrogate:
+        # Gradients through logit aggregation (never saturated), points scored on the defence as configured.
+        surrogate = Carso(carso.classifier, carso.purifier, carso.layers, samples=carso.samples, aggregation="logit")
+        gen = torch.Generator().manual_seed(seed + 4)
+        xs = pgd_eot(surrogate, x, y, eps=ev.eps, steps=ev.pgd_eot_steps, step_size=ev.pgd_eot_step_size,
+                     eot=ev.pgd_eot_iters, generator=gen)
+        out["carso_pgd_eot_logit"] = {**_scored(carso, xs, y, clean_ok, ev),
+                                      "settings": {**pgd_settings, "gradient_through": "logit aggregation",
+                                                   "seed": seed + 4}}
 
     xo, yo, warns, settings = autoattack(carso, x, y, version="rand", eps=ev.obfuscation_eps, seed=seed,
                                          batch_size=ev.batch_size, device=device, steps=ev.aa_steps, eot=ev.aa_eot,

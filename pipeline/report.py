@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from pathlib import Path
 
@@ -21,6 +22,34 @@ def _fresh(parts: list[dict]) -> dict:
     return {"draws": draws, "mean": _mean(accs), "worst_draw": min(accs), "per_point_worst": _mean(all_right)}
 
 
+def wilson(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion ``p`` measured on ``n`` points."""
+    if n == 0:
+        return (float("nan"), float("nan"))
+    d = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / d
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return (max(0.0, c - h), min(1.0, c + h))
+
+
+def _diagnostics(per: list[dict], training: dict | None) -> dict:
+    """Purification and stochasticity (from the chunks) and the purifier's training (from its final metrics)."""
+    parts = [p["diagnostics"] for p in per]
+    draws = len(parts[0]["carso_pgd"])
+    carso_pgd = [_mean([v for p in parts for v in p["carso_pgd"][d]]) for d in range(draws)]
+    out = {"purification": {"settings": parts[0]["settings"],
+                            "classifier": _mean([v for p in parts for v in p["clf_pgd"]]),
+                            "carso": {"draws": draws, "mean": _mean(carso_pgd), "worst_draw": min(carso_pgd)}},
+           "stochasticity": {"disagreement_share": _mean([v for p in parts for v in p["disagree"]]),
+                             "mean_pixel_std": _mean([v for p in parts for v in p["pixel_std"]]),
+                             "on": "clean inputs"}}
+    if training:
+        kl_dims = training.get("kl_per_dim") or []
+        out["training"] = {"final_kl": training["kl"], "active_units": training.get("active_units"),
+                           "latent_dims": len(kl_dims), "active_threshold_nats": 0.01}
+    return out
+
+
 def _attack(per: list[dict], name: str) -> dict:
     parts = [c[name] for c in per]
     res = {"settings": parts[0]["settings"]}
@@ -33,8 +62,8 @@ def _attack(per: list[dict], name: str) -> dict:
     return res
 
 
-def merge(out, cfg, chunks: list[tuple[int, int, int]]) -> dict:
-    """Every chunk exactly once, in order."""
+def merge(out, cfg, chunks: list[tuple[int, int, int]], training: dict | None = None) -> dict:
+    """Every chunk exactly once, in order. ``training``: the purifier's final-epoch metrics."""
     per = [json.loads((out.dir / "chunks" / f"chunk-{c:04d}.json").read_text()) for c, _, _ in chunks]
     if [p["range"] for p in per] != [[lo, hi] for _, lo, hi in chunks]:
         raise RuntimeError(f"{out.dir}: chunk files do not cover the test points exactly once")
@@ -46,7 +75,7 @@ def merge(out, cfg, chunks: list[tuple[int, int, int]]) -> dict:
     clean_draws = [[v for p in per for v in p["carso_clean"][d]] for d in range(ev.fresh_draws)]
     grad = {k: sum(p["carso_randaa"]["grad_at_start"][k] for p in per) for k in ("nan", "zero", "n")}
     res = {
-        "points": n, "dataset": cfg.data.dataset, "eps": ev.eps, "samples_per_input": ev.samples,
+        "points": n, "first_example": ev.first_example, "dataset": cfg.data.dataset, "eps": ev.eps, "samples_per_input": ev.samples,
         "aggregation": ev.aggregation, "seed": ev.seed, "chunk_seeds": [p["seed"] for p in per],
         "classifier_clean": _mean([v for p in per for v in p["clf_clean"]]),
         "carso_clean": {"draws": ev.fresh_draws, "mean": _mean([_mean(d) for d in clean_draws]),
@@ -56,7 +85,10 @@ def merge(out, cfg, chunks: list[tuple[int, int, int]]) -> dict:
         "carso_pgd_eot": _attack(per, "carso_pgd_eot"),
         "obfuscation_check": _attack(per, "obfuscation"),
         "gradient_at_attack_start": {"nan_share": grad["nan"] / grad["n"], "zero_share": grad["zero"] / grad["n"]},
+        "diagnostics": _diagnostics(per, training),
     }
+    if "carso_pgd_eot_logit" in per[0]:
+        res["carso_pgd_eot_logit"] = _attack(per, "carso_pgd_eot_logit")
     ob = res["obfuscation_check"]
     ob["chance"] = chance
     ob["passed"] = ob["fresh"]["mean"] <= chance and ob["runner"] <= chance
@@ -70,6 +102,13 @@ def merge(out, cfg, chunks: list[tuple[int, int, int]]) -> dict:
                       "C/randAA fresh worst": res["carso_randaa"]["fresh"]["per_point_worst"],
                       "PGD+EOT fresh mean": res["carso_pgd_eot"]["fresh"]["mean"],
                       "PGD+EOT fresh worst": res["carso_pgd_eot"]["fresh"]["per_point_worst"]}
+    if "carso_pgd_eot_logit" in res:
+        res["summary"]["PGD+EOT (logit surrogate) fresh mean"] = res["carso_pgd_eot_logit"]["fresh"]["mean"]
+    s = res["summary"]
+    # The question the defence must answer: does CARSO under randAA (fresh-draw mean) keep more than its classifier
+    # under standard AutoAttack? In accuracy points, with 95% Wilson intervals on both.
+    res["carso_minus_classifier"] = s["C/randAA fresh mean"] - s["AT/AA"]
+    res["intervals_95"] = {k: wilson(s[k], n) for k in ("AT/Cl", "C/Cl", "AT/AA", "C/randAA", "C/randAA fresh mean")}
     return res
 
 
@@ -77,16 +116,34 @@ def _pct(v: float) -> str:
     return f"{100 * v:.2f}%"
 
 
+def diagnostics_line(r: dict) -> str:
+    d = r["diagnostics"]
+    pu, st, tr = d["purification"], d["stochasticity"], d.get("training")
+    line = (f"diagnostics: purification of PGD-{pu['settings']['steps']} vs the classifier alone: classifier "
+            f"{_pct(pu['classifier'])}, CARSO {_pct(pu['carso']['mean'])} | stochasticity: "
+            f"{_pct(st['disagreement_share'])} of points with disagreeing reconstructions, pixel std "
+            f"{st['mean_pixel_std']:.4f}")
+    if tr:
+        line += f" | training: final KL {tr['final_kl']:.2f} nats, {tr['active_units']}/{tr['latent_dims']} active units"
+    return line
+
+
 def summary_lines(r: dict) -> list[str]:
     s = r["summary"]
     tag = " [REDUCED STRENGTH]" if r["reduced_strength"] else ""
     ob = r["obfuscation_check"]
-    return [f"{r['points']} points, eps {r['eps']:g}{tag}",
-            f"AT/Cl {_pct(s['AT/Cl'])} | C/Cl {_pct(s['C/Cl'])} | AT/AA {_pct(s['AT/AA'])} | "
-            f"C/randAA {_pct(s['C/randAA'])} (fresh draws: mean {_pct(s['C/randAA fresh mean'])}, worst "
-            f"{_pct(s['C/randAA fresh worst'])}) | PGD+EOT {_pct(s['PGD+EOT fresh mean'])}",
-            f"obfuscation check at eps {ob['settings']['eps']:g}: {_pct(ob['fresh']['mean'])} vs chance "
-            f"{_pct(ob['chance'])}: {'passed' if ob['passed'] else 'FAILED'}"]
+    first = r.get("first_example", 0)
+    lines = [f"{r['points']} points (test {first}-{first + r['points'] - 1}), eps {r['eps']:g}{tag}",
+             f"AT/Cl {_pct(s['AT/Cl'])} | C/Cl {_pct(s['C/Cl'])} | AT/AA {_pct(s['AT/AA'])} | "
+             f"C/randAA {_pct(s['C/randAA'])} (fresh draws: mean {_pct(s['C/randAA fresh mean'])}, worst "
+             f"{_pct(s['C/randAA fresh worst'])}) | PGD+EOT {_pct(s['PGD+EOT fresh mean'])}"
+             + (f" | PGD+EOT via logit surrogate {_pct(s['PGD+EOT (logit surrogate) fresh mean'])}"
+                if "PGD+EOT (logit surrogate) fresh mean" in s else ""),
+             f"C/randAA (fresh mean) - AT/AA = {100 * r['carso_minus_classifier']:+.2f} points",
+             diagnostics_line(r),
+             f"obfuscation check at eps {ob['settings']['eps']:g}: {_pct(ob['fresh']['mean'])} vs chance "
+             f"{_pct(ob['chance'])}: {'passed' if ob['passed'] else 'FAILED'}"]
+    return lines
 
 
 def markdown(r: dict) -> str:
@@ -100,8 +157,10 @@ def markdown(r: dict) -> str:
     if not ob["passed"]:
         lines += [f"> **WARNING: gradient-obfuscation check FAILED.** At eps {ob['settings']['eps']:g} CARSO keeps "
                   f"{_pct(ob['fresh']['mean'])} accuracy (fresh draws), above chance ({_pct(ob['chance'])}).", ""]
-    lines += [f"{r['points']} test points, L-inf eps = {r['eps']:g}, {r['samples_per_input']} reconstructions per "
-              f"input, {r['aggregation']} aggregation, seed {r['seed']}.", "",
+    first = r.get("first_example", 0)
+    ci = r["intervals_95"]
+    lines += [f"{r['points']} test points (indices {first} to {first + r['points'] - 1}), L-inf eps = {r['eps']:g}, "
+              f"{r['samples_per_input']} reconstructions per input, {r['aggregation']} aggregation, seed {r['seed']}.", "",
               "| AT/Cl | C/Cl | AT/AA | C/randAA | (PGD+EOT) |", "| --- | --- | --- | --- | --- |",
               f"| {_pct(s['AT/Cl'])} | {_pct(s['C/Cl'])} | {_pct(s['AT/AA'])} | {_pct(s['C/randAA'])} | "
               f"({_pct(s['PGD+EOT fresh mean'])}) |", "",
@@ -118,6 +177,13 @@ def markdown(r: dict) -> str:
               f"- PGD+EOT: {pe['settings']['steps']} steps of {pe['settings']['step_size']:g}, EOT "
               f"{pe['settings']['eot']}, CE, random start; fresh passes: mean {_pct(pe['fresh']['mean'])}, points "
               f"right on every pass {_pct(pe['fresh']['per_point_worst'])}.",
+              *([f"- PGD+EOT with its gradient through logit aggregation (same settings), the points scored on the "
+                 f"{r['aggregation']} aggregation: fresh mean {_pct(r['carso_pgd_eot_logit']['fresh']['mean'])}, points "
+                 f"right on every pass {_pct(r['carso_pgd_eot_logit']['fresh']['per_point_worst'])}."]
+                if "carso_pgd_eot_logit" in r else []),
+              f"- **C/randAA (fresh mean) - AT/AA = {100 * r['carso_minus_classifier']:+.2f} points.** 95% intervals "
+              f"({r['points']} points): AT/AA {_pct(ci['AT/AA'][0])}-{_pct(ci['AT/AA'][1])}, C/randAA fresh mean "
+              f"{_pct(ci['C/randAA fresh mean'][0])}-{_pct(ci['C/randAA fresh mean'][1])}.",
               f"- Gradient-obfuscation check: the same randAA at eps {ob['settings']['eps']:g}: runner "
               f"{_pct(ob['runner'])}, fresh mean {_pct(ob['fresh']['mean'])}, chance {_pct(ob['chance'])}: "
               f"**{'passed' if ob['passed'] else 'FAILED'}**.",
@@ -127,8 +193,23 @@ def markdown(r: dict) -> str:
     warns = {**aa.get("warnings", {}), **ra.get("warnings", {}), **ob.get("warnings", {})}
     lines += ["## AutoAttack runtime checks", ""]
     lines += [f"- ({n}x) {w}" for w, n in warns.items()] or ["- none raised"]
+    d = r["diagnostics"]
+    pu, st, tr = d["purification"], d["stochasticity"], d.get("training")
+    lines += ["", "## Diagnostics (before the attacks)", "",
+              f"- Purification (the paper's appendix C question): PGD examples crafted against the classifier alone "
+              f"({pu['settings']['steps']} steps of {pu['settings']['step_size']:g}, eps {pu['settings']['eps']:g}, "
+              f"random start, CE). Classifier {_pct(pu['classifier'])}; CARSO {_pct(pu['carso']['mean'])} (mean of "
+              f"{pu['carso']['draws']} passes, worst {_pct(pu['carso']['worst_draw'])}).",
+              f"- Stochasticity, on the clean inputs: the predictions on the {r['samples_per_input']} reconstructions "
+              f"disagree for {_pct(st['disagreement_share'])} of points; mean per-pixel std across the "
+              f"reconstructions {st['mean_pixel_std']:.4f} (pixels in [0, 1])."]
+    if tr:
+        lines += [f"- Training: final-epoch KL {tr['final_kl']:.3f} nats; {tr['active_units']} of {tr['latent_dims']} "
+                  f"latent dimensions active (average KL > {tr['active_threshold_nats']:g} nats). With few active "
+                  "units the decoder ignores z: the reconstructions are nearly deterministic."]
     lines += ["", "## Reconstructions", "", "![inputs, adversarial inputs (randAA), reconstructions](reconstructions.png)",
-              ""]
+              "", f"Every reconstruction of a few clean inputs and of their randAA adversarial versions:", "",
+              "![all reconstructions of clean and attacked inputs](samples.png)", ""]
     return "\n".join(lines)
 
 
@@ -155,6 +236,42 @@ def grid(npz: Path, png: Path) -> bool:
     fig.tight_layout()
     tmp = png.with_name(".tmp-" + png.name)
     fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    tmp.replace(png)
+    return True
+
+
+def samples_grid(npz: Path, png: Path) -> bool:
+    """One row per point: the clean input, its N reconstructions, the randAA input, its N reconstructions."""
+    import numpy as np
+
+    if not npz.exists():
+        return False
+    with np.load(npz, allow_pickle=False) as d:
+        if "recon_clean_all" not in d:
+            return False
+        x, xa, rc, ra = d["x"], d["x_adv"], d["recon_clean_all"], d["recon_adv_all"]
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k, n = x.shape[0], rc.shape[0]
+    cols = 2 * (n + 1)
+    fig, axes = plt.subplots(k, cols, figsize=(0.8 * cols, 0.85 * k + 0.3), squeeze=False)
+    for r in range(k):
+        imgs = [x[r], *rc[:, r], xa[r], *ra[:, r]]
+        for c, img in enumerate(imgs):
+            img = img.transpose(1, 2, 0)
+            axes[r][c].imshow(img.squeeze(-1) if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=1)
+            axes[r][c].axis("off")
+    axes[0][0].set_title("clean", fontsize=7)
+    axes[0][1].set_title(f"{n} reconstructions", fontsize=7, loc="left")
+    axes[0][n + 1].set_title("randAA", fontsize=7)
+    axes[0][n + 2].set_title(f"{n} reconstructions", fontsize=7, loc="left")
+    fig.tight_layout(pad=0.2)
+    tmp = png.with_name(".tmp-" + png.name)
+    fig.savefig(tmp, dpi=80, format="png")
     plt.close(fig)
     tmp.replace(png)
     return True

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .config import RunConfig
+from .config import RunConfig, fingerprint
 from .log import echo, human_seconds
 from .store import Output, Store, StoreError
 
@@ -46,7 +46,9 @@ class Context:
             self._ray_ready = True
 
     def output(self, stage: str, create: bool = False) -> Output:
-        return self.store.output(self.cfg.data.dataset, stage, stage_module(stage).key(self), create=create)
+        out = self.store.output(self.cfg.data.dataset, stage, stage_key(self, stage), create=create)
+        out.code_version = stage_module(stage).VERSION
+        return out
 
     def upstream(self, stage: str) -> Output:
         """The complete output of an upstream stage, or UpstreamMissing."""
@@ -58,6 +60,14 @@ class Context:
 
 def stage_module(stage: str):
     return importlib.import_module(STAGES[stage])
+
+
+def stage_key(ctx: Context, stage: str) -> str:
+    """The store key of a stage: its module's ``key(ctx)`` (everything in the config and upstream that
+    determines the output) combined with the module's code ``VERSION``, which is bumped whenever a code change
+    alters what the stage writes, so an output written by older code is never served as a cache hit."""
+    mod = stage_module(stage)
+    return fingerprint({"stage": stage, "code_version": mod.VERSION, "inputs": mod.key(ctx)})
 
 
 def run_stage(ctx: Context, stage: str) -> Output:

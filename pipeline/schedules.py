@@ -2,7 +2,8 @@
 
 - Learning rate: linear warm-up from ``initial_lr`` to ``plateau_lr`` over ``warmup_epochs``, a plateau of
   ``plateau_epochs``, then linear annealing to ``final_lr`` over ``anneal_epochs`` (then held).
-- KL weight beta: 0 before ``beta_start_epoch``, rising linearly to 1 at ``beta_end_epoch``, then 1.
+- KL weight beta: 0 before ``beta_start_epoch``, rising linearly to ``beta_max`` (Table 14: 1) at
+  ``beta_end_epoch``, then ``beta_max``.
 
 Epochs are counted from 0. Learning rate and global batch are the configured values whatever the number
 of workers: DDP averages gradients over the global batch, so the update does not depend on how the batch is
@@ -27,5 +28,5 @@ def beta_at(epoch: int, p) -> float:
     if epoch < p.beta_start_epoch:
         return 0.0
     if epoch >= p.beta_end_epoch:
-        return 1.0
-    return (epoch - p.beta_start_epoch) / (p.beta_end_epoch - p.beta_start_epoch)
+        return p.beta_max
+    return p.beta_max * (epoch - p.beta_start_epoch) / (p.beta_end_epoch - p.beta_start_epoch)

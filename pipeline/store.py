@@ -66,6 +66,30 @@ def atomic_write_json(path: Path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
+def _seal(payload) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def write_sealed_json(path: Path, payload) -> None:
+    """A standalone store file (no manifest of its own): the payload with its sha256, written atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, {"sha256": _seal(payload), "payload": payload})
+
+
+def read_sealed_json(path: Path):
+    """The payload of ``write_sealed_json``, or None when the file does not exist; StoreError naming the file
+    when it is unreadable or its content does not match its sha256."""
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise StoreError(f"{path}: corrupt (not JSON); delete it to recompute") from None
+    if not isinstance(doc, dict) or "payload" not in doc or doc.get("sha256") != _seal(doc["payload"]):
+        raise StoreError(f"{path}: content altered (sha256 differs from its seal); delete it to recompute")
+    return doc["payload"]
+
+
 def file_record(root: Path, path: Path) -> dict:
     return {"name": str(path.relative_to(root)), "bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
@@ -77,6 +101,8 @@ class Output:
     dir: Path
     stage: str
     key: str
+    # The writing stage's code VERSION (recorded in the manifest); None where an output is only read.
+    code_version: int | None = None
 
     @property
     def manifest_path(self) -> Path:
@@ -115,7 +141,8 @@ class Output:
     # ---- completion -------------------------------------------------------------------------------
     def finalize(self, *, config: dict, inputs: dict, files: list[dict], counts: dict, timings: dict,
                  extra: dict | None = None) -> dict:
-        manifest = {"format": FORMAT_VERSION, "stage": self.stage, "key": self.key, "config": config,
+        manifest = {"format": FORMAT_VERSION, "stage": self.stage, "key": self.key, "code_version": self.code_version,
+                    "config": config,
                     "inputs": inputs, "files": sorted(files, key=lambda r: r["name"]), "counts": counts,
                     "timings": timings, "package_version": package_version(), "python": platform.python_version(),
                     "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(extra or {})}

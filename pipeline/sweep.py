@@ -6,6 +6,7 @@ import csv
 import io
 import itertools
 import json
+import time
 from pathlib import Path
 
 import yaml
@@ -78,10 +79,13 @@ def run_sweep(config: str, overrides: tuple[str, ...], grid: dict[str, list], st
     for i, (combo, cfg) in enumerate(zip(combos, cfgs), 1):
         log(f"[sweep] run {i}/{len(combos)}: " + ", ".join(f"{k}={json.dumps(v)}" for k, v in combo.items()))
         ctx = runner.Context(cfg=cfg, store=store, ray_address=ray_address, workers=workers, log=log)
+        t0 = time.perf_counter()
         outs = {o.stage: o for o in runner.run(ctx, "all")}
+        wall = time.perf_counter() - t0
         res = json.loads((outs["evaluate"].dir / "results.json").read_text())
         rows.append({"combo": combo, "summary": res["summary"], "reduced_strength": res["reduced_strength"],
-                     "points": res["points"], "keys": {s: o.key for s, o in outs.items()}})
+                     "points": res["points"], "keys": {s: o.key for s, o in outs.items()}, "extra": _extra(res, outs),
+                     "wall_s": wall})
     sweep_dir = store.root / cfgs[0].data.dataset / "sweeps" / fingerprint(config, list(overrides), grid)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(sweep_dir / "sweep.json", {"config": config, "overrides": list(overrides), "grid": grid,
@@ -101,24 +105,65 @@ def _cell(value) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
+def _extra(res: dict, outs: dict) -> dict:
+    """The study columns beyond the summary: the gap, its intervals, the diagnostics and the compute each row cost
+    (stage times from the manifests, so a cache hit still shows what its output took to make)."""
+    d = res["diagnostics"]
+    tr = d.get("training") or {}
+    times = {s: o.manifest().get("timings", {}).get("total_s") for s, o in outs.items()}
+    lo, hi = res["intervals_95"]["C/randAA fresh mean"]
+    alo, ahi = res["intervals_95"]["AT/AA"]
+    return {"C - AT (points)": 100 * res["carso_minus_classifier"],
+            "C/randAA 95% CI": f"{100 * lo:.1f}-{100 * hi:.1f}", "AT/AA 95% CI": f"{100 * alo:.1f}-{100 * ahi:.1f}",
+            "purified (C on PGD vs classifier)": d["purification"]["carso"]["mean"],
+            "classifier on PGD": d["purification"]["classifier"],
+            "disagree": d["stochasticity"]["disagreement_share"], "pixel std": d["stochasticity"]["mean_pixel_std"],
+            "KL": tr.get("final_kl"), "active units": f"{tr.get('active_units')}/{tr.get('latent_dims')}",
+            "purifier s": times.get("purifier"), "evaluate s": times.get("evaluate")}
+
+
+EXTRA = ["C - AT (points)", "C/randAA 95% CI", "AT/AA 95% CI", "classifier on PGD", "purified (C on PGD vs classifier)",
+         "disagree", "pixel std", "KL", "active units", "purifier s", "evaluate s"]
+PCT = {"classifier on PGD", "purified (C on PGD vs classifier)", "disagree"}
+
+
+def _fmt(name: str, v, pct_sign: bool = True) -> str:
+    if v is None:
+        return ""
+    if name in PCT:
+        return f"{100 * v:.2f}%" if pct_sign else f"{v:.4f}"
+    if name == "C - AT (points)":
+        return f"{v:+.2f}"
+    if name in ("pixel std", "KL"):
+        return f"{v:.4f}" if name == "pixel std" else f"{v:.3f}"
+    if name.endswith(" s"):
+        return f"{v:.0f}"
+    return str(v)
+
+
 def _csv(grid: dict, rows: list[dict]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow([*grid, *COLUMNS, "points", "reduced_strength", "evaluate_key"])
+    w.writerow([*grid, *COLUMNS, *EXTRA, "points", "row wall s", "reduced_strength", "evaluate_key"])
     for r in rows:
         w.writerow([_cell(r["combo"][k]) for k in grid] + [f"{r['summary'][c]:.4f}" for c in COLUMNS]
-                   + [r["points"], r["reduced_strength"], r["keys"]["evaluate"]])
+                   + [_fmt(c, r["extra"].get(c), pct_sign=False) for c in EXTRA]
+                   + [r["points"], f"{r['wall_s']:.0f}", r["reduced_strength"], r["keys"]["evaluate"]])
     return buf.getvalue()
 
 
 def _markdown(grid: dict, rows: list[dict]) -> str:
-    head = [*grid, *COLUMNS, "points"]
+    head = [*grid, *COLUMNS, *EXTRA, "points", "row wall s"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
         cells = [f"`{_cell(r['combo'][k])}`" for k in grid] + [f"{100 * r['summary'][c]:.2f}%" for c in COLUMNS]
-        lines.append("| " + " | ".join(cells + [str(r["points"])]) + " |")
+        cells += [_fmt(c, r["extra"].get(c)) for c in EXTRA]
+        lines.append("| " + " | ".join(cells + [str(r["points"]), f"{r['wall_s']:.0f}"]) + " |")
     note = ("**REDUCED STRENGTH** in at least one run: see each run's report.md for its settings.\n\n"
             if any(r["reduced_strength"] for r in rows) else "")
+    note += ("C - AT: C/randAA (fresh-draw mean) minus AT/AA, in accuracy points. Intervals: 95% Wilson. purifier s / "
+             "evaluate s: the stage's own time from its manifest (also for cache hits); row wall s: this sweep's time "
+             "for the row (near 0 for cache hits).\n\n")
     return "# Sweep comparison\n\n" + note + "\n".join(lines) + "\n"
 
 

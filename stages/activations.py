@@ -34,6 +34,11 @@ def resolve_layers(ctx: Context) -> list[str]:
     return list(layers)
 
 
+# Code version of this stage, part of its store key (pipeline.runner.stage_key): bump it whenever a change
+# alters what the stage writes.
+VERSION = 1
+
+
 def key(ctx: Context) -> str:
     attacks = ctx.upstream("attacks")
     return fingerprint({"stage": "activations", "attacks": attacks.key,

@@ -47,6 +47,11 @@ def _classifier_identity(ctx: Context) -> dict:
     return {"arch": up["arch"], "activation": up["activation"], "weights_sha256": up["weights_sha256"]}
 
 
+# Code version of this stage, part of its store key (pipeline.runner.stage_key): bump it whenever a change
+# alters what the stage writes.
+VERSION = 1
+
+
 def key(ctx: Context) -> str:
     return fingerprint({"stage": "attacks", "data": data_identity(ctx.cfg, "train"),
                         "classifier": _classifier_identity(ctx), "attack": dataclasses.asdict(ctx.cfg.attack)})

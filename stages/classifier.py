@@ -15,6 +15,11 @@ from pipeline.runner import Context, data_identity
 from pipeline.store import Output, array_sha256, atomic_write_json, file_record, sha256_file
 
 
+# Code version of this stage, part of its store key (pipeline.runner.stage_key): bump it whenever a change
+# alters what the stage writes.
+VERSION = 1
+
+
 def key(ctx: Context) -> str:
     c = ctx.cfg.classifier
     ident: dict = {"stage": "classifier", "arch": c.arch, "activation": c.activation, "source": c.source,

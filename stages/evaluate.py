@@ -14,9 +14,15 @@ from pathlib import Path
 
 from pipeline.config import fingerprint, to_dict
 from pipeline.runner import Context, data_identity
-from pipeline.store import Output, atomic_write_json, file_record
+from pipeline.store import Output, atomic_write_json, file_record, read_sealed_json, write_sealed_json
 
 GRID_EXAMPLES = 8
+
+
+# Code version of this stage, part of its store key (pipeline.runner.stage_key): bump it whenever a change
+# alters what the stage writes.
+# 2: purification and stochasticity diagnostics in results.json and report.md.
+VERSION = 2
 
 
 def key(ctx: Context) -> str:
@@ -48,15 +54,27 @@ def _models(payloads: dict, ev, device: str):
     return classifier, carso
 
 
+def baseline_path(ctx: Context, lo: int, hi: int, seed: int) -> Path:
+    """Where the classifier-alone results (clean + standard AutoAttack) of test points [lo, hi) are kept: keyed by
+    everything they depend on (classifier weights, the points, eps, seed, backend, batch size), so every purifier,
+    aggregation and attack setting of a sweep reuses them."""
+    ev = ctx.cfg.eval
+    k = fingerprint({"classifier": ctx.upstream("attacks").manifest()["inputs"]["classifier"]["weights_sha256"],
+                     "test": data_identity(ctx.cfg, "test"), "points": [lo, hi], "eps": ev.eps, "seed": seed,
+                     "backend": ev.backend, "batch_size": ev.batch_size, "evaluate_version": VERSION})
+    return ctx.store.root / ctx.cfg.data.dataset / "baseline" / f"{k}.json"
+
+
 def evaluate_task(payload_box, data_box, out_dir: str, c: int, lo: int, hi: int, cfg_dict: dict, device: str,
-                  threads: int) -> dict:
-    """One chunk, inside a Ray task: evaluate, write the chunk file and its receipt."""
+                  threads: int, baseline_file: str) -> dict:
+    """One chunk, inside a Ray task: evaluate (reusing the classifier baseline when it is known), write the chunk
+    file and its receipt."""
     import numpy as np
     import torch
 
     from pipeline.config import EvalConfig, build
     from pipeline.data import to_float
-    from pipeline.evaluation import evaluate_chunk
+    from pipeline.evaluation import classifier_baseline, evaluate_chunk
     from stages._pool import unbox
 
     torch.set_num_threads(threads)
@@ -64,8 +82,13 @@ def evaluate_task(payload_box, data_box, out_dir: str, c: int, lo: int, hi: int,
     classifier, carso = _models(unbox(payload_box), ev, device)
     x, y = unbox(data_box)
     t0 = time.perf_counter()
-    res = evaluate_chunk(classifier, carso, to_float(x[lo:hi]), y[lo:hi], ev, chunk_seed(ev.seed, c), device,
-                         keep_examples=GRID_EXAMPLES if c == 0 else 0)
+    xc, yc, seed = to_float(x[lo:hi]), y[lo:hi], chunk_seed(ev.seed, c)
+    baseline = read_sealed_json(Path(baseline_file))
+    if baseline is None:
+        baseline = classifier_baseline(classifier, xc, yc, ev, seed, device)
+        write_sealed_json(Path(baseline_file), baseline)
+    res = evaluate_chunk(classifier, carso, xc, yc, ev, seed, device, keep_examples=GRID_EXAMPLES if c == 0 else 0,
+                         baseline=baseline)
     out = Output(Path(out_dir), "evaluate", "")
     files = []
     ex = res.pop("examples", None)
@@ -90,7 +113,7 @@ def run(ctx: Context, out: Output) -> None:
     import torch
 
     from pipeline.cluster import device_for, worker_resources
-    from pipeline.data import load_split
+    from pipeline.data import DataError, load_split
     from pipeline.log import Progress
     from stages import _pool
 
@@ -100,8 +123,12 @@ def run(ctx: Context, out: Output) -> None:
     check_backend(ev.backend)
     t0 = time.perf_counter()
     x, y = load_split(cfg.data.dataset, "test", cfg.data.data_dir, cfg.data.test_subset)
-    n = min(len(y), ev.n_examples or len(y))
-    x, y = x[:n], y[:n]
+    first = ev.first_example
+    if first >= len(y):
+        raise DataError(f"eval.first_example={first}: the {cfg.data.dataset} test split has {len(y)} points")
+    n = min(len(y) - first, ev.n_examples or len(y))
+    x, y = x[first:first + n], y[first:first + n]
+    # Chunk ranges are positions within the evaluated points; the report names the absolute test indices.
     chunks = [(c, lo, min(lo + ev.chunk_size, n)) for c, lo in enumerate(range(0, n, ev.chunk_size))]
     done = out.done_units()
     todo = [ch for ch in chunks if f"chunk-{ch[0]:04d}" not in done]
@@ -123,20 +150,23 @@ def run(ctx: Context, out: Output) -> None:
     pbox, dbox = _pool.ref_box(payloads), _pool.ref_box((x, y))
     progress = Progress("evaluate", n, "points", every=0, log=ctx.log)  # chunks take minutes
     progress.done = sum(hi - lo for c, lo, hi in chunks if f"chunk-{c:04d}" in done)
-    pending = [task.remote(pbox, dbox, str(out.dir), c, lo, hi, to_dict(ev), device_for(res), int(res["num_cpus"]))
+    pending = [task.remote(pbox, dbox, str(out.dir), c, lo, hi, to_dict(ev), device_for(res), int(res["num_cpus"]),
+                           str(baseline_path(ctx, first + lo, first + hi, chunk_seed(ev.seed, c)).resolve()))
                for c, lo, hi in todo]
     while pending:
         ready, pending = ray.wait(pending, num_returns=1)
         progress.update(ray.get(ready[0])["n"])
     from pipeline import report
 
-    results = report.merge(out, cfg, chunks)
+    results = report.merge(out, cfg, chunks, training=pur.manifest()["final_metrics"])
     results["timings"] = {"total_s": time.perf_counter() - t0}
     atomic_write_json(out.dir / "results.json", results)
     (out.dir / "report.md").write_text(report.markdown(results))
     names = ["results.json", "report.md"]
     if report.grid(out.dir / "chunks" / "examples.npz", out.dir / "reconstructions.png"):
         names.append("reconstructions.png")
+    if report.samples_grid(out.dir / "chunks" / "examples.npz", out.dir / "samples.png"):
+        names.append("samples.png")
     files = [f for r in out.receipts() for f in r["files"]] + [file_record(out.dir, out.dir / nm) for nm in names]
     out.finalize(config={"eval": to_dict(ev)}, inputs={"purifier": pur.key, "test": data_identity(cfg, "test")},
                  files=files, counts={"points": n, "chunks": len(chunks)}, timings=results["timings"],

@@ -40,6 +40,13 @@ def _source_key(ctx: Context) -> dict:
     return {"attacks": attacks.key, "activations_dtype": ctx.cfg.activations.dtype}
 
 
+# Code version of this stage, part of its store key (pipeline.runner.stage_key): bump it whenever a change
+# alters what the stage writes.
+# 2: the encoder reads the (possibly perturbed) input, not the clean target; purifier.pt holds Lookahead's
+#    slow weights; metrics carry the per-dimension KL.
+VERSION = 2
+
+
 def key(ctx: Context) -> str:
     # ``layers`` enters through the resolved list only: null and the equivalent explicit list share a key.
     p = {k: v for k, v in dataclasses.asdict(ctx.cfg.purifier).items() if k not in ("workers", "layers")}
@@ -107,15 +114,6 @@ def _build(spec: dict):
                     std=tuple(m["std"]))
 
 
-def _optimizer(model, p: dict):
-    import torch
-    from pytorch_optimizer import Lookahead
-
-    inner = torch.optim.RAdam(model.parameters(), lr=p["initial_lr"], betas=tuple(p["radam_betas"]),
-                              eps=p["radam_eps"], weight_decay=0.0)
-    return Lookahead(inner, k=p["lookahead_k"], alpha=p["lookahead_alpha"])
-
-
 def _conditioning(batch, classifier, layers, dtype, device):
     """Activations for the batch: the cached rows, or the frozen classifier's on the stored inputs, cast to
     the cache dtype (the same function either way)."""
@@ -140,9 +138,9 @@ def train_loop(spec: dict) -> None:
     import torch.distributed as dist
 
     from pipeline.balanced import BalancedBatches
-    from pipeline.models.purifier import vae_loss
-    from pipeline.schedules import beta_at, lr_at
     from pipeline.config import PurifierConfig, build
+    from pipeline.purifier_train import active_units, build_optimizer, slow_state_dict, train_step
+    from pipeline.schedules import beta_at, lr_at
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -151,7 +149,7 @@ def train_loop(spec: dict) -> None:
     device = ray.train.torch.get_device()
     p = build(PurifierConfig, spec["purifier"])
     model = ray.train.torch.prepare_model(_build(spec).to(device))
-    opt = _optimizer(model, spec["purifier"])
+    opt = build_optimizer(model, p)
     start, history = 0, []
     ckpt = ray.train.get_checkpoint()
     path = None
@@ -181,6 +179,7 @@ def train_loop(spec: dict) -> None:
         model.train()
         t0 = time.perf_counter()
         sums = torch.zeros(5, dtype=torch.float64)
+        kl_dims = torch.zeros(p.f_joint, dtype=torch.float64)
         stream, wait = batches.epoch(epoch), 0.0
         while True:
             tw = time.perf_counter()
@@ -189,34 +188,35 @@ def train_loop(spec: dict) -> None:
             if batch is None:
                 break
             acts = _conditioning(batch, classifier, spec["layers"], spec["dtype"], device)
-            target = torch.from_numpy(batch.targets).to(device)
-            x_hat, mu, logvar = model(target, acts)
-            loss, reco, kl = vae_loss(x_hat, target, mu, logvar, beta)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            n = target.shape[0]
-            sums += torch.tensor([loss.item() * n, reco.item() * n, kl.item() * n, n, 0.0], dtype=torch.float64)
+            st = train_step(model, opt, torch.from_numpy(batch.inputs).to(device),
+                            torch.from_numpy(batch.targets).to(device), acts, beta)
+            sums += torch.tensor([st.loss * st.n, st.reconstruction * st.n, st.kl * st.n, st.n, 0.0],
+                                 dtype=torch.float64)
+            kl_dims += st.kl_dims
         sums[4] = wait
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(sums)
+            dist.all_reduce(kl_dims)
         seconds = time.perf_counter() - t0
         n = max(sums[3].item(), 1.0)
         rec = {"epoch": epoch + 1, "loss": sums[0].item() / n, "reconstruction": sums[1].item() / n,
                "kl": sums[2].item() / n, "beta": beta, "lr": lr, "examples": int(sums[3].item()),
                "examples_per_s": sums[3].item() / seconds, "seconds": seconds, "workers": world,
-               "data_wait_s": sums[4].item() / world}
+               "data_wait_s": sums[4].item() / world, "kl_per_dim": [round(v, 5) for v in (kl_dims / n).tolist()]}
+        rec["active_units"] = active_units(rec["kl_per_dim"])
         history.append(rec)
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if rank == 0:
                 state = {"model": (model.module if hasattr(model, "module") else model).state_dict(),
-                         "optimizer": opt.state_dict(), "epoch": epoch, "history": history}
+                         "slow_model": slow_state_dict(model, opt), "optimizer": opt.state_dict(), "epoch": epoch,
+                         "history": history}
                 torch.save(state, os.path.join(tmp, "state.pt"))
                 _store_checkpoint(Path(spec["out_dir"]), epoch, os.path.join(tmp, "state.pt"), rec)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
                 print(f"[purifier] epoch {epoch + 1}/{p.epochs}: loss {rec['loss']:.2f} (reconstruction "
-                      f"{rec['reconstruction']:.2f}, KL {rec['kl']:.2f}, beta {beta:.2f}), lr {lr:.3g}, "
+                      f"{rec['reconstruction']:.2f}, KL {rec['kl']:.2f}, beta {beta:.2f}), active latent units "
+                      f"{rec['active_units']}/{p.f_joint}, lr {lr:.3g}, "
                       f"{rec['examples_per_s']:.0f} examples/s, waited {rec['data_wait_s']:.1f} s of {seconds:.1f} s "
                       f"on data", flush=True)
             ray.train.report({k: v for k, v in rec.items()}, checkpoint=checkpoint)
@@ -316,7 +316,7 @@ def _finalize(ctx: Context, out: Output, spec: dict, seconds: float) -> None:
     if state["epoch"] + 1 != ctx.cfg.purifier.epochs:
         raise RuntimeError(f"[purifier] training stopped at epoch {state['epoch'] + 1} of {ctx.cfg.purifier.epochs}")
     buf = io.BytesIO()
-    torch.save(state["model"], buf)
+    torch.save(state["slow_model"], buf)  # Lookahead's slow weights (pipeline/purifier_train.py)
     atomic_write_bytes(out.dir / "purifier.pt", buf.getvalue())
     atomic_write_json(out.dir / "purifier.json", spec["model"])
     files = [file_record(out.dir, out.dir / n) for n in ("purifier.pt", "purifier.json", "metrics.jsonl")]
@@ -329,4 +329,5 @@ def _finalize(ctx: Context, out: Output, spec: dict, seconds: float) -> None:
                  timings={"total_s": seconds, "epoch_s": [h["seconds"] for h in hist]},
                  extra={"final_metrics": hist[-1], "model": spec["model"]})
     ctx.log(f"[purifier] final epoch: loss {hist[-1]['loss']:.2f}, reconstruction {hist[-1]['reconstruction']:.2f}, "
-            f"KL {hist[-1]['kl']:.2f}")
+            f"KL {hist[-1]['kl']:.2f} nats, active latent units {hist[-1]['active_units']}/{ctx.cfg.purifier.f_joint} "
+            f"(average KL > 0.01 nats)")

@@ -73,6 +73,29 @@ def test_two_workers_equal_one_worker_and_outputs(store, data_dir, tmp_path):
     # The eps = 0.95 check drives accuracy to or below chance.
     ob = r["obfuscation_check"]
     assert ob["passed"] and ob["fresh"]["mean"] <= 0.1 and ob["settings"]["eps"] == 0.95
+    # Diagnostics: purification, stochasticity, training; the gap to the classifier with its intervals.
+    d = r["diagnostics"]
+    assert d["purification"]["settings"]["steps"] == 40 and d["purification"]["settings"]["eps"] == 0.1
+    assert 0 <= d["purification"]["classifier"] <= 1 and d["purification"]["carso"]["draws"] == 2
+    assert 0 <= d["stochasticity"]["disagreement_share"] <= 1 and d["stochasticity"]["mean_pixel_std"] > 0
+    pur = runner.run(make_ctx(store, data_dir), "purifier")[0].manifest()["final_metrics"]
+    assert d["training"] == {"final_kl": pur["kl"], "active_units": pur["active_units"], "latent_dims": 64,
+                             "active_threshold_nats": 0.01}
+    assert abs(r["carso_minus_classifier"] - (r["summary"]["C/randAA fresh mean"] - r["summary"]["AT/AA"])) < 1e-12
+    lo, hi = r["intervals_95"]["AT/AA"]
+    assert lo <= r["summary"]["AT/AA"] <= hi and hi - lo > 0.2  # 12 points: wide
+    assert "## Diagnostics" in report and "active" in report and "C/randAA (fresh mean) - AT/AA" in report
+    assert (two.dir / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    chunk = json.loads((two.dir / "chunks" / "chunk-0000.json").read_text())
+    assert len(chunk["diagnostics"]["disagree"]) == len(chunk["diagnostics"]["pixel_std"]) == 4
+    # eval.first_example shifts the evaluated points: its first chunk is the full run's second one.
+    shifted = runner.run(make_ctx(store, data_dir, "eval.first_example=4", "eval.n_examples=4",
+                                  "eval.pgd_eot_logit_surrogate=true"), "evaluate")[0]
+    moved = json.loads((shifted.dir / "chunks" / "chunk-0000.json").read_text())
+    assert moved["clf_clean"] == json.loads((two.dir / "chunks" / "chunk-0001.json").read_text())["clf_clean"]
+    rs = json.loads((shifted.dir / "results.json").read_text())
+    assert rs["first_example"] == 4 and rs["carso_pgd_eot_logit"]["settings"]["gradient_through"] == "logit aggregation"
+    assert "PGD+EOT (logit surrogate) fresh mean" in rs["summary"]
 
 
 def _cli_args(store, data_dir):

@@ -76,6 +76,8 @@ def test_schedules_scenario_a():
     assert lr_at(199, p) == pytest.approx(4.346e-4) and lr_at(124, p) < 0.064
     assert [beta_at(e, p) for e in (0, 24, 25, 34, 199)] == [0.0, 0.0, 0.0, 1.0, 1.0]
     assert beta_at(29, p) == pytest.approx(4 / 9)
+    q = load_config(REPO / "configs/cifar10.yaml", ["purifier.beta_max=0.1"]).purifier  # a labelled departure
+    assert [beta_at(e, q) for e in (24, 29, 34, 199)] == [0.0, pytest.approx(0.4 / 9), 0.1, 0.1]
 
 
 @pytest.mark.parametrize("batch,frac,workers", [(5120, 0.5, 8), (2560, 0.15, 4), (1024, 0.01, 8), (256, 0.5, 2)])

@@ -43,7 +43,7 @@ def store(tmp_path_factory, data_dir):
 def test_two_workers_train_checkpoint_and_loss_falls(store, data_dir):
     from stages.purifier import _build
 
-    ctx = make_ctx(store, data_dir)
+    ctx = make_ctx(store, data_dir, "purifier.lookahead_k=5")  # 48 steps: the last 3 are past a Lookahead sync
     ctx._ray_ready = True
     out = runner.run(ctx, "purifier")[0]
     m = out.manifest()
@@ -55,6 +55,33 @@ def test_two_workers_train_checkpoint_and_loss_falls(store, data_dir):
     model.load_state_dict(torch.load(out.dir / "purifier.pt", weights_only=True))
     assert m["counts"]["parameters"] == sum(p.numel() for p in model.parameters())
     assert (out.dir / "checkpoints").is_dir()
+    # The purifier kept is Lookahead's slow weights of the last epoch, not the fast ones.
+    from stages.purifier import latest_checkpoint
+
+    final = torch.load(out.dir / "purifier.pt", weights_only=True)
+    last = torch.load(latest_checkpoint(out.dir), weights_only=True)
+    assert all(torch.equal(final[k], v) for k, v in last["slow_model"].items())
+    assert any(not torch.equal(final[k], last["model"][k]) for k in final)
+    # Collapse diagnostics per epoch; the manifest records the code version.
+    assert all(len(h["kl_per_dim"]) == ctx.cfg.purifier.f_joint and 0 <= h["active_units"] <= 64 for h in hist)
+    assert abs(sum(hist[-1]["kl_per_dim"]) - hist[-1]["kl"]) < 1e-3
+    assert m["code_version"] == runner.stage_module("purifier").VERSION
+
+
+def test_a_code_version_bump_is_never_a_cache_hit(store, data_dir, monkeypatch):
+    import stages.activations
+
+    ctx = make_ctx(store, data_dir)
+    before = ctx.output("activations")
+    purifier_before = ctx.output("purifier").key
+    assert before.is_complete() and before.manifest()["code_version"] == stages.activations.VERSION
+    monkeypatch.setattr(stages.activations, "VERSION", stages.activations.VERSION + 1)  # a code change
+    after = ctx.output("activations")
+    assert after.key != before.key and not after.is_complete()
+    with pytest.raises(runner.UpstreamMissing):  # downstream keys follow: nothing old is served
+        ctx.output("purifier")
+    monkeypatch.undo()
+    assert ctx.output("purifier").key == purifier_before
 
 
 def test_cache_and_recompute_condition_identically(store, data_dir):

@@ -1,6 +1,6 @@
 """CARSO's purifier: a conditional VAE conditioned on the classifier's internal representation (appendix E).
 
-    input x (clean, standardised) -> InputEncoder (Table 4) ----------------------------\\
+    input x (clean or perturbed, standardised) -> InputEncoder (Table 4) ----------------------------\\
     activations (one tensor per hooked layer) -> LayerEncoder each (Table 6 or 7)        |
         -> concat -> ReprEncoder (Table 8) -> c (fc_repr) -------------------------------+-> JointEncoder (Table 9)
                                                                                           |     -> (mu, logvar) of z
@@ -141,10 +141,19 @@ class Purifier(nn.Module):
         return self.decode(z, cond)
 
 
-def vae_loss(x_hat: torch.Tensor, target: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, beta: float):
+def kl_per_dim(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """(B, D) KL(q(z_d|x,c) || N(0, 1)) of every latent dimension of every example, in nats."""
+    return -0.5 * (1 + logvar - mu.pow(2) - logvar.exp())
+
+
+def vae_loss(x_hat: torch.Tensor, target: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, beta: float,
+             per_dim: bool = False):
     """Summed pixel-wise, channel-wise binary cross-entropy plus beta * KL(q(z|x,c) || N(0, I)), both summed
-    over an example's elements and averaged over the batch. Returns (loss, reconstruction, kl)."""
+    over an example's elements and averaged over the batch. Returns (loss, reconstruction, kl), and with
+    ``per_dim`` also the (D,) KL of each latent dimension averaged over the batch."""
     n = target.shape[0]
     reco = nn.functional.binary_cross_entropy(x_hat, target, reduction="sum") / n
-    kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp()) / n
-    return reco + beta * kl, reco, kl
+    dims = kl_per_dim(mu, logvar).mean(0)
+    kl = dims.sum()
+    loss = reco + beta * kl
+    return (loss, reco, kl, dims) if per_dim else (loss, reco, kl)
