@@ -128,6 +128,16 @@ def diagnostics_line(r: dict) -> str:
     return line
 
 
+def running_line(r: dict) -> str:
+    """One line of the numbers on the points finished so far (printed while a long evaluation runs)."""
+    s = r["summary"]
+    return (f"{r['points']} points{' [REDUCED STRENGTH]' if r['reduced_strength'] else ''}: AT/AA {_pct(s['AT/AA'])}, "
+            f"C/randAA fresh mean {_pct(s['C/randAA fresh mean'])}, PGD+EOT {_pct(s['PGD+EOT fresh mean'])}"
+            + (f", PGD+EOT via logit surrogate {_pct(s['PGD+EOT (logit surrogate) fresh mean'])}"
+               if "PGD+EOT (logit surrogate) fresh mean" in s else "")
+            + f", C/Cl {_pct(s['C/Cl'])}")
+
+
 def summary_lines(r: dict) -> list[str]:
     s = r["summary"]
     tag = " [REDUCED STRENGTH]" if r["reduced_strength"] else ""

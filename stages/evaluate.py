@@ -12,6 +12,7 @@ import dataclasses
 import time
 from pathlib import Path
 
+from pipeline import report
 from pipeline.config import fingerprint, to_dict
 from pipeline.runner import Context, data_identity
 from pipeline.store import Output, atomic_write_json, file_record, read_sealed_json, write_sealed_json
@@ -153,12 +154,15 @@ def run(ctx: Context, out: Output) -> None:
     pending = [task.remote(pbox, dbox, str(out.dir), c, lo, hi, to_dict(ev), device_for(res), int(res["num_cpus"]),
                            str(baseline_path(ctx, first + lo, first + hi, chunk_seed(ev.seed, c)).resolve()))
                for c, lo, hi in todo]
+    training = pur.manifest()["final_metrics"]
     while pending:
         ready, pending = ray.wait(pending, num_returns=1)
         progress.update(ray.get(ready[0])["n"])
-    from pipeline import report
+        if pending:  # the numbers so far, so a long evaluation stopped early still tells what it measured
+            finished = [ch for ch in chunks if f"chunk-{ch[0]:04d}" in out.done_units()]
+            ctx.log(f"[evaluate] so far, {report.running_line(report.merge(out, cfg, finished, training=training))}")
 
-    results = report.merge(out, cfg, chunks, training=pur.manifest()["final_metrics"])
+    results = report.merge(out, cfg, chunks, training=training)
     results["timings"] = {"total_s": time.perf_counter() - t0}
     atomic_write_json(out.dir / "results.json", results)
     (out.dir / "report.md").write_text(report.markdown(results))

@@ -219,7 +219,7 @@ def train_loop(spec: dict) -> None:
                       f"{rec['active_units']}/{p.f_joint}, lr {lr:.3g}, "
                       f"{rec['examples_per_s']:.0f} examples/s, waited {rec['data_wait_s']:.1f} s of {seconds:.1f} s "
                       f"on data", flush=True)
-            ray.train.report({k: v for k, v in rec.items()}, checkpoint=checkpoint)
+            ray.train.report({k: v for k, v in rec.items() if k != "kl_per_dim"}, checkpoint=checkpoint)
 
 
 def _store_checkpoint(out_dir: Path, epoch: int, state_path: str, rec: dict) -> None:
