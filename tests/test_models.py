@@ -1,82 +1,37 @@
 """The WRN must be RobustBench's DMWideResNet, name for name and logit for logit.
 
-``_ReferenceDM`` below is an independent re-statement of DeepMind's / RobustBench's WideResNet (custom
-autograd swish, manual 'SAME' padding, avg_pool2d(8), the same attribute names), written for this test:
-the way RobustBench builds ``Cui2023Decoupled_WRN-28-10`` (depth 28, width 10, swish, CIFAR-10 mean/std).
+The reference is RobustBench's own ``robustbench/model_zoo/architectures/dm_wide_resnet.py`` (installed by the
+dev set-up with ``pip install --no-deps robustbench``), loaded by path: the package's ``__init__`` imports
+torchvision, which does not import beside the CPU build of torch. It is built the way RobustBench builds
+``Cui2023Decoupled_WRN-28-10`` (depth 28, width 10, swish, CIFAR-10 mean/std), the paper's scenario (a) model.
 """
+import importlib.util
+from importlib import metadata
+
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from pipeline.models import ModelError, build_classifier, load_state_dict_file, load_weights, state_dict_hash
 from pipeline.models.hooks import forward_with_activations
 from pipeline.models.wrn import WideResNet
 
 
-class _SwishFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, i):
-        ctx.save_for_backward(i)
-        return i * torch.sigmoid(i)
-
-    @staticmethod
-    def backward(ctx, g):
-        (i,) = ctx.saved_tensors
-        s = torch.sigmoid(i)
-        return g * (s * (1 + i * (1 - s)))
+def _robustbench_dm():
+    try:
+        path = metadata.distribution("robustbench").locate_file("robustbench/model_zoo/architectures/dm_wide_resnet.py")
+    except metadata.PackageNotFoundError:
+        pytest.fail("robustbench is not installed: run `bash .ci/setup` (pip install --no-deps robustbench==1.1.1)")
+    spec = importlib.util.spec_from_file_location("rb_dm_wide_resnet", str(path))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
-class _Swish(nn.Module):
-    def forward(self, x):
-        return _SwishFn.apply(x)
-
-
-class _RefBlock(nn.Module):
-    def __init__(self, cin, cout, stride):
-        super().__init__()
-        self.batchnorm_0, self.relu_0 = nn.BatchNorm2d(cin), _Swish()
-        self.conv_0 = nn.Conv2d(cin, cout, 3, stride, 0, bias=False)
-        self.batchnorm_1, self.relu_1 = nn.BatchNorm2d(cout), _Swish()
-        self.conv_1 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.has_shortcut = cin != cout
-        self.shortcut = nn.Conv2d(cin, cout, 1, stride, 0, bias=False) if self.has_shortcut else None
-        self.stride = stride
-
-    def forward(self, x):
-        if self.has_shortcut:
-            x = self.relu_0(self.batchnorm_0(x))
-            v = x
-        else:
-            v = self.relu_0(self.batchnorm_0(x))
-        v = F.pad(v, (1, 1, 1, 1) if self.stride == 1 else (0, 1, 0, 1))
-        out = self.conv_1(self.relu_1(self.batchnorm_1(self.conv_0(v))))
-        return torch.add(self.shortcut(x) if self.has_shortcut else x, out)
-
-
-class _RefGroup(nn.Module):
-    def __init__(self, n, cin, cout, stride):
-        super().__init__()
-        self.block = nn.Sequential(*[_RefBlock(cin if i == 0 else cout, cout, stride if i == 0 else 1) for i in range(n)])
-
-    def forward(self, x):
-        return self.block(x)
-
-
-class _ReferenceDM(nn.Module):
-    def __init__(self, num_classes=10, mean=(0.4914, 0.4822, 0.4465), std=(0.2471, 0.2435, 0.2616)):
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(mean).view(3, 1, 1))
-        self.register_buffer("std", torch.tensor(std).view(3, 1, 1))
-        self.init_conv = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
-        self.layer = nn.Sequential(_RefGroup(4, 16, 160, 1), _RefGroup(4, 160, 320, 2), _RefGroup(4, 320, 640, 2))
-        self.batchnorm, self.relu = nn.BatchNorm2d(640), _Swish()
-        self.logits = nn.Linear(640, num_classes)
-
-    def forward(self, x):
-        out = self.layer(self.init_conv((x - self.mean) / self.std))
-        out = F.avg_pool2d(self.relu(self.batchnorm(out)), 8)
-        return self.logits(out.view(-1, 640))
+def _robustbench_wrn():
+    dm = _robustbench_dm()
+    return dm.DMWideResNet(num_classes=10, depth=28, width=10, activation_fn=dm.Swish, mean=dm.CIFAR10_MEAN,
+                           std=dm.CIFAR10_STD)
 
 
 def _randomise_bn(model, gen):
@@ -90,13 +45,13 @@ def _randomise_bn(model, gen):
 
 def test_dm_state_dict_loads_strictly_and_matches_logits(tmp_path):
     torch.manual_seed(0)
-    ref = _ReferenceDM()
+    ref = _robustbench_wrn()
     _randomise_bn(ref, torch.Generator().manual_seed(1))
     ref.eval()
     path = tmp_path / "dm.pt"
     torch.save(ref.state_dict(), path)
     ours = build_classifier("wrn-28-10", "cifar10", "swish")
-    assert set(ours.state_dict()) == set(ref.state_dict())
+    assert set(ours.state_dict()) == set(ref.state_dict()) and "mean" not in ref.state_dict()
     load_weights(ours, load_state_dict_file(path), str(path)).eval()  # strict=True inside
     x = torch.rand(3, 3, 32, 32)
     with torch.no_grad():
@@ -107,6 +62,20 @@ def test_dm_state_dict_loads_strictly_and_matches_logits(tmp_path):
     ref(xb).sum().backward()
     assert torch.allclose(xa.grad, xb.grad, atol=1e-4, rtol=1e-3)
     assert state_dict_hash(ours) == state_dict_hash(ref)
+    # Table 5's names hook on the loaded model.
+    _, acts = forward_with_activations(ours, x[:1], ours.default_layers())
+    assert len(acts) == 26
+
+
+def test_legacy_checkpoint_with_normalisation_buffers_still_loads(tmp_path):
+    """WRN files written before the normalisation left the state_dict (this store's own model.pt) still load."""
+    ours = build_classifier("wrn-28-10", "cifar10", "swish")
+    legacy = {**ours.state_dict(), "mean": ours.mean.clone(), "std": ours.std.clone()}
+    other = build_classifier("wrn-28-10", "cifar10", "swish")
+    load_weights(other, legacy, "legacy.pt")
+    assert state_dict_hash(other) == state_dict_hash(ours)
+    with pytest.raises(ModelError, match="legacy2.pt: weights do not match"):  # anything else stays strict
+        load_weights(other, {**legacy, "extra": torch.zeros(1)}, "legacy2.pt")
 
 
 def test_checkpoint_wrapped_and_dataparallel_prefix(tmp_path):

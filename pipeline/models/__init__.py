@@ -54,6 +54,11 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> nn.Module:
+    """Strict load. A model whose normalisation is not part of its state_dict (the WRN, like RobustBench's)
+    ignores ``mean``/``std`` entries, which checkpoints written before that change (this store's own among them)
+    carry; the normalisation comes from the dataset either way."""
+    expected = model.state_dict()
+    state = {k: v for k, v in state.items() if k in expected or k not in ("mean", "std")}
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -66,9 +71,9 @@ def load_robustbench(name: str, dataset: str) -> nn.Module:
     """Load a model through the optional ``robustbench`` package (needs network access on first use)."""
     try:
         from robustbench.utils import load_model  # type: ignore
-    except ImportError:
-        raise ModelError(f"classifier.robustbench_name={name}: the optional 'robustbench' package is not installed; "
-                         "pip install git+https://github.com/RobustBench/robustbench, or download the checkpoint and "
+    except ImportError as exc:
+        raise ModelError(f"classifier.robustbench_name={name}: the optional 'robustbench' package does not import "
+                         f"({exc}); pip install robustbench (it needs torchvision), or download the checkpoint and "
                          "use classifier.source=file with classifier.path") from None
     rb_dataset = {"cifar10": "cifar10", "cifar100": "cifar100"}.get(dataset)
     if rb_dataset is None:

@@ -63,8 +63,12 @@ class WideResNet(nn.Module):
         if (depth - 4) % 6:
             raise ValueError(f"depth must be 6n+4, got {depth}")
         act = ACTIVATIONS[activation]
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(num_input_channels, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(num_input_channels, 1, 1))
+        # Not in the state_dict (persistent=False), as in RobustBench's DMWideResNet: its checkpoints carry no
+        # normalisation, which comes from the dataset here (pipeline/data.py).
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(num_input_channels, 1, 1),
+                             persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(num_input_channels, 1, 1),
+                             persistent=False)
         ch = [16, 16 * width, 32 * width, 64 * width]
         n = (depth - 4) // 6
         self.init_conv = nn.Conv2d(num_input_channels, ch[0], 3, stride=1, padding=1, bias=False)
