@@ -15,7 +15,8 @@ from pathlib import Path
 from pipeline import report
 from pipeline.config import fingerprint, to_dict
 from pipeline.runner import Context, data_identity
-from pipeline.store import Output, atomic_write_json, file_record, read_sealed_json, write_sealed_json
+from pipeline.store import (Output, StoreError, atomic_write_json, file_record, read_sealed_json,
+                            write_sealed_json)
 
 GRID_EXAMPLES = 8
 
@@ -53,6 +54,19 @@ def _models(payloads: dict, ev, device: str):
                   aggregation=ev.aggregation)
     torch.set_grad_enabled(True)
     return classifier, carso
+
+
+def _purifier_state(pur: Output) -> dict:
+    """purifier.pt, checked against its manifest (size and sha256) before it is unpickled (weights only)."""
+    import torch
+
+    from pipeline.store import require_intact
+
+    rec = next((r for r in pur.manifest()["files"] if r["name"] == "purifier.pt"), None)
+    if rec is None:
+        raise StoreError(f"{pur.manifest_path}: lists no purifier.pt")
+    require_intact(pur, rec)
+    return torch.load(pur.dir / "purifier.pt", map_location="cpu", weights_only=True)
 
 
 def baseline_path(ctx: Context, lo: int, hi: int, seed: int) -> Path:
@@ -140,7 +154,7 @@ def run(ctx: Context, out: Output) -> None:
     workers = max(1, min(ctx.workers or 1, max(1, len(todo))))
     res = worker_resources(workers)
     payloads = {"classifier": _pool.model_payload(ctx.upstream("classifier"), cfg), "purifier_spec": pur.manifest()["model"],
-                "purifier_state": torch.load(pur.dir / "purifier.pt", weights_only=True)}
+                "purifier_state": _purifier_state(pur)}
     ctx.log(f"[evaluate] {n} test points in {len(chunks)} chunk(s) on {workers} worker(s) ({device_for(res)}), "
             f"eps {ev.eps:g}; randAA {ev.aa_steps} steps x EOT {ev.aa_eot}; PGD+EOT {ev.pgd_eot_steps} x "
             f"{ev.pgd_eot_step_size:g}, EOT {ev.pgd_eot_iters}; {ev.samples} samples/input, {ev.aggregation} aggregation")

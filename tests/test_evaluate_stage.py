@@ -149,3 +149,21 @@ def test_official_backend_missing_is_a_clear_error(store, data_dir):
     msg = runner.user_error(e.value)
     assert msg.startswith("eval.backend=autoattack: the official AutoAttack package is not importable")
     assert "\n" not in msg and not ctx.output("evaluate").is_complete()
+
+
+def test_a_corrupt_purifier_is_refused_before_use(store, data_dir, tmp_path):
+    """One flipped byte in purifier.pt: a one-line error naming the file, nothing evaluated."""
+    from pipeline.store import StoreError
+
+    copy = tmp_path / "store"
+    shutil.copytree(store, copy, ignore=shutil.ignore_patterns("evaluate", "baseline"))
+    ctx = make_ctx(copy, data_dir)
+    pt = ctx.upstream("purifier").dir / "purifier.pt"
+    blob = bytearray(pt.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    pt.write_bytes(bytes(blob))
+    with pytest.raises(StoreError) as e:
+        runner.run(ctx, "evaluate")
+    msg = runner.user_error(e.value)
+    assert str(pt) in msg and "sha256" in msg and "\n" not in msg
+    assert not ctx.output("evaluate").is_complete() and not list(copy.glob("*/baseline/*"))
