@@ -75,14 +75,16 @@ def main() -> None:
 @main.command()
 @config_option
 @click.option("--stage", "-s", required=True, type=click.Choice(STAGE_NAMES),
-              help="Stage to run (its upstream outputs must exist in the store), or 'all'.")
+              help="Stage to run, after any upstream stage it needs that is not finished; or 'all'.")
+@click.option("--only", is_flag=True, default=False,
+              help="Run just --stage: fail instead of running missing upstream stages (cluster jobs).")
 @set_option
 @store_option
 @ray_option
 @workers_option
-def run(config, stage, overrides, store, ray_address, workers):
-    """Run one stage (or all) for a config; finished outputs are reused, partial ones resumed."""
-    _dispatch(runner.run, _context(config, overrides, store, ray_address, workers), stage)
+def run(config, stage, only, overrides, store, ray_address, workers):
+    """Run a stage (and what it needs) or all, for a config; finished outputs are reused, partial ones resumed."""
+    _dispatch(runner.run, _context(config, overrides, store, ray_address, workers), stage, only)
 
 
 @main.command()

@@ -19,8 +19,7 @@ STAGES = {
     "purifier": "stages.purifier",
     "evaluate": "stages.evaluate",
 }
-DEPENDS = {"classifier": [], "attacks": ["classifier"], "activations": ["attacks"], "purifier": ["activations"],
-           "evaluate": ["purifier"]}
+
 
 
 class UpstreamMissing(RuntimeError):
@@ -49,6 +48,15 @@ class Context:
         out = self.store.output(self.cfg.data.dataset, stage, stage_key(self, stage), create=create)
         out.code_version = stage_module(stage).VERSION
         return out
+
+    def output_or_none(self, stage: str, complete: bool = False) -> Output | None:
+        """The output of ``stage``, or None when its key cannot be known yet (an upstream output is missing) or,
+        with ``complete``, when it is not finished."""
+        try:
+            out = self.output(stage)
+        except UpstreamMissing:
+            return None
+        return out if (out.is_complete() or not complete) else None
 
     def upstream(self, stage: str) -> Output:
         """The complete output of an upstream stage, or UpstreamMissing."""
@@ -90,12 +98,20 @@ def run_stage(ctx: Context, stage: str) -> Output:
     return out
 
 
-def run(ctx: Context, stage: str) -> list[Output]:
-    """Run one stage, or all of them in order. With ``purifier.activations_source: recompute`` nothing reads
-    the cached activations, so ``all`` skips that stage (for WRN-28-10 it would write terabytes)."""
+def run(ctx: Context, stage: str, only: bool = False) -> list[Output]:
+    """Run a stage after every upstream stage it needs (finished ones are cache hits, like make), or all of them
+    (``stage='all'``). ``only``: run just that stage, and fail with UpstreamMissing when an upstream output is
+    not complete (for cluster jobs that must not start upstream work). With ``purifier.activations_source:
+    recompute`` nothing reads the cached activations, so that stage is skipped as an upstream one (for
+    WRN-28-10 it would write terabytes)."""
+    names = list(STAGES)
+    targets = names if stage == "all" else [stage] if only else names[:names.index(stage) + 1]
+    upstream = [s for s in targets[:-1] if not ctx.output_or_none(s, complete=True)]
+    if stage != "all" and not only and upstream:
+        ctx.log(f"[pipeline] --stage {stage} needs {', '.join(upstream)} first: running them (--only skips this)")
     outs = []
-    for s in (STAGES if stage == "all" else [stage]):
-        if stage == "all" and s == "activations" and ctx.cfg.purifier.activations_source == "recompute":
+    for s in targets:
+        if s == "activations" and s != stage and ctx.cfg.purifier.activations_source == "recompute":
             ctx.log("[activations] skipped: purifier.activations_source is 'recompute'")
             continue
         outs.append(run_stage(ctx, s))

@@ -20,9 +20,15 @@ def test_all_then_cache_hits_then_sweep_reuses_upstream(tmp_path):
     store = tmp_path / "store"
     args = ["--config", "configs/fmnist.yaml", "--store", str(store),
             *[a for s in [f"data.data_dir={data}", *SETS] for a in ("--set", s)]]
+    only = cli("run", "--stage", "attacks", "--only", *args)  # cluster jobs: never start upstream work
+    assert only.returncode == 1 and "classifier output" in only.stderr and "is not complete" in only.stderr
+    assert len(only.stderr.strip().splitlines()) == 1 and not list(store.glob("fmnist/attacks/*/manifest.json"))
+    a = cli("run", "--stage", "attacks", *args)  # like make: what attacks needs runs first
+    assert a.returncode == 0, a.stderr[-3000:]
+    assert "[pipeline] --stage attacks needs classifier first" in a.stderr and "[classifier] running" in a.stderr
     r = cli("run", "--stage", "all", *args)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "[evaluate] report: " in r.stderr
+    assert "[evaluate] report: " in r.stderr and r.stderr.count("cache hit") == 2
     again = cli("run", "--stage", "all", *args)
     assert again.returncode == 0 and again.stderr.count("cache hit") == 5 and "[ray]" not in again.stderr
 
@@ -34,6 +40,9 @@ def test_all_then_cache_hits_then_sweep_reuses_upstream(tmp_path):
     (comparison,) = list(store.glob("fmnist/sweeps/*/comparison.csv"))
     rows = list(csv.DictReader(comparison.open()))
     assert [r["eval.aggregation"] for r in rows] == ["robust", "logit"] and all(r["C/randAA"] for r in rows)
+    for r in rows:  # the study columns: the gap to the classifier, its intervals, the diagnostics, the costs
+        assert abs(float(r["C - AT (points)"]) - 100 * (float(r["C/randAA fresh mean"]) - float(r["AT/AA"]))) < 0.01
+        assert r["C/randAA 95% CI"] and r["active units"].endswith("/64") and float(r["evaluate s"]) > 0
     assert "REDUCED STRENGTH" in (comparison.parent / "comparison.md").read_text()
 
     e = cli("sweep", *args, "--grid", "eval.eps=0.05,0.1")
