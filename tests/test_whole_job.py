@@ -65,3 +65,14 @@ def test_grid_values_split_outside_brackets():
     assert g == {"purifier.layers": [["conv1", "conv2"], ["conv3"]], "eval.samples": [4, 8]}
     g = parse_grid((), str(REPO / "configs/ablations/fmnist.yaml"))
     assert g["eval.aggregation"] == ["robust", "logit", "prob"] and len(g["purifier.layers"]) == 2
+
+
+@pytest.mark.parametrize("grid_file", sorted((REPO / "configs").glob("*/*.yaml")), ids=lambda p: p.name)
+def test_shipped_grids_validate(grid_file):
+    """Every shipped study / ablation grid gives valid configs for every combination, before anything runs."""
+    from pipeline.sweep import combinations, parse_grid, validate
+
+    grid = parse_grid((), str(grid_file))
+    cfgs = validate(str(REPO / "configs/fmnist.yaml"), ("purifier.anneal_epochs=31",) if "volume" in grid_file.name
+                    else (), grid)
+    assert len(cfgs) == len(combinations(grid)) >= 1
