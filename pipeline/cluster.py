@@ -43,6 +43,12 @@ def cpus_per_node() -> int:
     return max(int(n["Resources"].get("CPU", 1)) for n in ray.nodes() if n.get("Alive"))
 
 
+def default_workers() -> int:
+    """Model workers when ``--workers`` is not given, for stages whose units are independent: one per GPU of the
+    cluster, else one per CPU core of the largest node."""
+    return cluster_gpus() or cpus_per_node()
+
+
 def worker_resources(workers: int = 1) -> dict:
     """Resources for one of ``workers`` concurrent model workers: one GPU each when the cluster has GPUs,
     otherwise an equal share of a node's CPUs (torch threads follow the CPU count)."""

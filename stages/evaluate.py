@@ -127,7 +127,7 @@ def run(ctx: Context, out: Output) -> None:
     import ray
     import torch
 
-    from pipeline.cluster import device_for, worker_resources
+    from pipeline.cluster import default_workers, device_for, worker_resources
     from pipeline.data import DataError, load_split
     from pipeline.log import Progress
     from stages import _pool
@@ -151,14 +151,15 @@ def run(ctx: Context, out: Output) -> None:
         ctx.log(f"[evaluate] {len(chunks) - len(todo)} of {len(chunks)} chunk(s) already finished")
     pur = ctx.upstream("purifier")
     ctx.ray()
-    workers = max(1, min(ctx.workers or 1, max(1, len(todo))))
+    # Default: every GPU, or every CPU core (one single-threaded chunk per core): chunks are independent.
+    workers = max(1, min(ctx.workers or default_workers(), max(1, len(todo))))
     res = worker_resources(workers)
     payloads = {"classifier": _pool.model_payload(ctx.upstream("classifier"), cfg), "purifier_spec": pur.manifest()["model"],
                 "purifier_state": _purifier_state(pur)}
     ctx.log(f"[evaluate] {n} test points in {len(chunks)} chunk(s) on {workers} worker(s) ({device_for(res)}), "
             f"eps {ev.eps:g}; randAA {ev.aa_steps} steps x EOT {ev.aa_eot}; PGD+EOT {ev.pgd_eot_steps} x "
             f"{ev.pgd_eot_step_size:g}, EOT {ev.pgd_eot_iters}; {ev.samples} samples/input, {ev.aggregation} aggregation")
-    if todo and (ctx.workers or 1) > len(todo):
+    if todo and ctx.workers and ctx.workers > len(todo):
         ctx.log(f"[evaluate] {len(todo)} chunk(s) to run for {ctx.workers} workers: a chunk is the unit of "
                 f"parallelism, so a smaller eval.chunk_size would use them all (it changes the key and the seeds)")
     task = ray.remote(evaluate_task).options(num_cpus=res["num_cpus"], num_gpus=res["num_gpus"], max_retries=1)
