@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 
@@ -144,6 +145,8 @@ def verify(config, overrides, store):
     """Check every stored file against its manifest (size and sha256); exit 1 naming each bad file."""
     from .store import verify_output
 
+    if not Path(store).is_dir():
+        _fail(f"{store}: no store there (not a directory); pass the store with --store", EXIT_FAILED)
     if config:
         ctx = _context(config, overrides, store, None)
         outputs = []

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -229,6 +230,8 @@ def _coerce(value: Any, tp, key: str, source: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(source, key, f"must be a number (got {value!r})")
+        if not math.isfinite(value):
+            raise ConfigError(source, key, f"must be a finite number (got {value!r})")
         return float(value)
     if tp is str:
         if not isinstance(value, str):

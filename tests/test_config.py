@@ -61,7 +61,9 @@ def _cli(*args, cwd=REPO):
 
 
 @pytest.mark.parametrize("extra,needle", [(["--set", "attack.eps=-1"], "attack.eps"),
-                                          (["--set", "attack.bogus=1"], "attack.bogus")])
+                                          (["--set", "attack.bogus=1"], "attack.bogus"),
+                                          (["--set", "attack.pgd_step_size=.inf"], "attack.pgd_step_size: must be a finite"),
+                                          (["--set", "eval.eps=.nan"], "eval.eps: must be a finite")])
 def test_cli_config_errors_exit_2_one_line(tmp_path, extra, needle):
     r = _cli("run", "--config", "configs/fmnist.yaml", "--stage", "classifier", "--store", str(tmp_path / "s"), *extra)
     assert r.returncode == 2
@@ -83,3 +85,9 @@ def test_cli_help_lists_stages():
     r = _cli("run", "--help")
     for opt in ("--config", "--stage", "--set", "--ray-address", "--store"):
         assert opt in r.stdout
+
+
+def test_verify_on_a_missing_store_is_an_error(tmp_path):
+    r = _cli("verify", "--store", str(tmp_path / "nowhere"))
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "nowhere" in r.stderr
+    assert not (tmp_path / "nowhere").exists()
