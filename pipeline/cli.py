@@ -21,19 +21,20 @@ def _fail(msg: str, code: int) -> None:
 
 
 def _context(config: str, overrides: tuple[str, ...], store: str, ray_address: str | None,
-             workers: int | None = None) -> runner.Context:
+             workers: int | None = None, verbose: bool = False) -> runner.Context:
     try:
         cfg = load_config(config, overrides)
     except ConfigError as exc:
         _fail(str(exc), EXIT_CONFIG)
-    return runner.Context(cfg=cfg, store=runner.store_root(store), ray_address=ray_address, workers=workers)
+    return runner.Context(cfg=cfg, store=runner.store_root(store), ray_address=ray_address, workers=workers,
+                          verbose=verbose)
 
 
-def _dispatch(fn, *args):
+def _dispatch(fn, *args, **kwargs):
     """Call into the runner: user-facing errors (bad data, checkpoint, store file) become one line and exit 1,
     Ctrl-C says how to resume, anything else is a bug and keeps its traceback."""
     try:
-        return fn(*args)
+        return fn(*args, **kwargs)
     except KeyboardInterrupt:
         _fail("interrupted; run the same command again to resume", 130)
     except Exception as exc:  # noqa: BLE001
@@ -52,6 +53,9 @@ store_option = click.option("--store", default="./runs", show_default=True, meta
                             help="Root of the content-addressed store (on a cluster: a path every node sees).")
 ray_option = click.option("--ray-address", default=None, metavar="ADDR",
                           help="Ray cluster to join: 'auto' or ray://host:port. Default: start a local Ray instance.")
+verbose_option = click.option("--verbose", "-v", is_flag=True, default=False,
+                              help="Also print Ray's own output (workers, Ray Train); by default it goes to Ray's "
+                                   "log files, copied into <store>/logs/.")
 workers_option = click.option("--workers", type=click.IntRange(min=1), default=None, metavar="N",
                               help="Model workers per stage (Ray actors / Train workers / evaluation tasks). "
                                    "Default: one per GPU, or 1 on CPU. Never changes results or store keys.")
@@ -83,9 +87,10 @@ def main() -> None:
 @store_option
 @ray_option
 @workers_option
-def run(config, stage, only, overrides, store, ray_address, workers):
+@verbose_option
+def run(config, stage, only, overrides, store, ray_address, workers, verbose):
     """Run a stage (and what it needs) or all, for a config; finished outputs are reused, partial ones resumed."""
-    _dispatch(runner.run, _context(config, overrides, store, ray_address, workers), stage, only)
+    _dispatch(runner.run, _context(config, overrides, store, ray_address, workers, verbose), stage, only)
 
 
 @main.command()
@@ -111,7 +116,8 @@ def status(config, overrides, store):
 @store_option
 @ray_option
 @workers_option
-def sweep(config, grid_items, grid_file, overrides, store, ray_address, workers):
+@verbose_option
+def sweep(config, grid_items, grid_file, overrides, store, ray_address, workers, verbose):
     """Run every combination of a grid of (downstream) settings, reusing cached upstream outputs, and write
     one comparison table (markdown and CSV)."""
     from .sweep import parse_grid, run_sweep, validate
@@ -121,7 +127,7 @@ def sweep(config, grid_items, grid_file, overrides, store, ray_address, workers)
         validate(config, overrides, grid)
     except ConfigError as exc:
         _fail(str(exc), EXIT_CONFIG)
-    _dispatch(run_sweep, config, overrides, grid, runner.store_root(store), ray_address, workers)
+    _dispatch(run_sweep, config, overrides, grid, runner.store_root(store), ray_address, workers, verbose=verbose)
 
 
 @main.command()

@@ -5,14 +5,20 @@ import logging
 import os
 
 
-def connect(address: str | None, log=print) -> None:
-    """Start a local Ray instance (``address=None``) or join a cluster (``'auto'`` or ``'ray://host:port'``)."""
+def connect(address: str | None, log=print, verbose: bool = False) -> None:
+    """Start a local Ray instance (``address=None``) or join a cluster (``'auto'`` or ``'ray://host:port'``).
+    Unless ``verbose``, Ray's own output (its workers' stdout and stderr, Ray Train's reports, its warnings) stays
+    in Ray's log files (``save_logs`` copies them into the store) and the console shows only the project's lines."""
     import ray
 
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    kwargs = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
+    if not verbose:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")      # no token-authentication banner on a local instance
+        logging.getLogger("ray").setLevel(logging.ERROR)
+    kwargs = dict(include_dashboard=False, logging_level=logging.WARNING if verbose else logging.ERROR,
+                  log_to_driver=verbose)
     if address in (None, "", "local"):
         ray.init(num_cpus=os.cpu_count(), **kwargs)
         where = "local Ray instance"
@@ -24,7 +30,7 @@ def connect(address: str | None, log=print) -> None:
         f"{len(ray.nodes())} node(s)")
     import ray.data
 
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data").setLevel(logging.WARNING if verbose else logging.ERROR)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the stages print their own progress lines
     ctx.print_on_execution_start = False
@@ -60,3 +66,20 @@ def worker_resources(workers: int = 1) -> dict:
 
 def device_for(resources: dict) -> str:
     return "cuda" if resources.get("num_gpus") else "cpu"
+
+
+def save_logs(dest_root) -> str | None:
+    """Copy this Ray session's log files (this node's) into ``dest_root/<session>/``; return that path."""
+    import shutil
+    from pathlib import Path
+
+    import ray
+
+    try:
+        session = Path(ray._private.worker._global_node.get_session_dir_path())
+    except Exception:  # noqa: BLE001 - a private API; without it the logs stay where Ray put them
+        return None
+    dest = Path(dest_root) / session.name
+    shutil.copytree(session / "logs", dest, dirs_exist_ok=True, ignore_dangling_symlinks=True,
+                    ignore=shutil.ignore_patterns("*.sock", "events"))
+    return str(dest)

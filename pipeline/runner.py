@@ -34,6 +34,8 @@ class Context:
     # Model workers per stage (runtime only, never part of a key); None = one per GPU, or 1 on CPU.
     workers: int | None = None
     log: Callable[[str], None] = echo
+    # Ray's own output on the console too (otherwise it goes to Ray's log files, copied into <store>/logs/).
+    verbose: bool = False
     _ray_ready: bool = field(default=False, repr=False)
 
     def ray(self) -> None:
@@ -41,7 +43,7 @@ class Context:
         if not self._ray_ready:
             from .cluster import connect
 
-            connect(self.ray_address, log=self.log)
+            connect(self.ray_address, log=self.log, verbose=self.verbose)
             self._ray_ready = True
 
     def output(self, stage: str, create: bool = False) -> Output:
@@ -110,11 +112,19 @@ def run(ctx: Context, stage: str, only: bool = False) -> list[Output]:
     if stage != "all" and not only and upstream:
         ctx.log(f"[pipeline] --stage {stage} needs {', '.join(upstream)} first: running them (--only skips this)")
     outs = []
-    for s in targets:
-        if s == "activations" and s != stage and ctx.cfg.purifier.activations_source == "recompute":
-            ctx.log("[activations] skipped: purifier.activations_source is 'recompute'")
-            continue
-        outs.append(run_stage(ctx, s))
+    try:
+        for s in targets:
+            if s == "activations" and s != stage and ctx.cfg.purifier.activations_source == "recompute":
+                ctx.log("[activations] skipped: purifier.activations_source is 'recompute'")
+                continue
+            outs.append(run_stage(ctx, s))
+    finally:
+        if ctx._ray_ready and not ctx.verbose:
+            from .cluster import save_logs
+
+            where = save_logs(ctx.store.root / "logs")
+            if where:
+                ctx.log(f"[ray] Ray's own logs (workers, Ray Train): {where} (--verbose prints them here)")
     if outs[-1].stage == "evaluate":
         ctx.log(f"[evaluate] report: {outs[-1].dir / 'report.md'}")
     return outs

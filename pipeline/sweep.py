@@ -70,7 +70,7 @@ def validate(config: str, overrides: tuple[str, ...], grid: dict[str, list]) -> 
 
 
 def run_sweep(config: str, overrides: tuple[str, ...], grid: dict[str, list], store, ray_address=None,
-              workers=None, log=echo) -> Path:
+              workers=None, log=echo, verbose: bool = False) -> Path:
     from . import runner
 
     cfgs = validate(config, overrides, grid)
@@ -78,7 +78,8 @@ def run_sweep(config: str, overrides: tuple[str, ...], grid: dict[str, list], st
     rows = []
     for i, (combo, cfg) in enumerate(zip(combos, cfgs), 1):
         log(f"[sweep] run {i}/{len(combos)}: " + ", ".join(f"{k}={json.dumps(v)}" for k, v in combo.items()))
-        ctx = runner.Context(cfg=cfg, store=store, ray_address=ray_address, workers=workers, log=log)
+        ctx = runner.Context(cfg=cfg, store=store, ray_address=ray_address, workers=workers, log=log,
+                             verbose=verbose)
         t0 = time.perf_counter()
         outs = {o.stage: o for o in runner.run(ctx, "all")}
         wall = time.perf_counter() - t0

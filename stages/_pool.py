@@ -8,6 +8,7 @@ receipt are skipped, which is what makes a killed stage resumable.
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 
 from pipeline.cluster import device_for, worker_resources
@@ -79,9 +80,15 @@ def run_units(ctx: Context, out: Output, *, stage: str, worker_cls, worker_kwarg
                 f"{res['num_gpus']} GPU ({device_for(res)})")
         kwargs = {**worker_kwargs, "device": device_for(res), "threads": int(res["num_cpus"])}
         ds = ray.data.from_items(units, override_num_blocks=len(units))
-        ds = ds.map_batches(worker_cls, fn_constructor_kwargs=kwargs, batch_size=1, batch_format="numpy",
-                            compute=ray.data.ActorPoolStrategy(size=n), num_cpus=res["num_cpus"],
-                            num_gpus=res["num_gpus"])
+        with warnings.catch_warnings():  # max_restarts has no named parameter yet (Ray's own advice, see below)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            ds = ds.map_batches(worker_cls, fn_constructor_kwargs=kwargs, batch_size=1, batch_format="numpy",
+                                compute=ray.data.ActorPoolStrategy(size=n), num_cpus=res["num_cpus"],
+                                num_gpus=res["num_gpus"],
+                                # A lost actor is not restarted (Ray could not: its constructor arguments live in
+                                # the object store, ray-project/ray#53727); the stage fails and a re-run resumes
+                                # from the finished units' receipts.
+                                max_restarts=0)
         for row in ds.iter_rows():
             if row["error"]:
                 from pipeline.store import StoreError

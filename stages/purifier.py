@@ -162,8 +162,6 @@ def train_loop(spec: dict) -> None:
         (model.module if hasattr(model, "module") else model).load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start, history = state["epoch"] + 1, state["history"]
-        if rank == 0:
-            print(f"[purifier] resumed from epoch {start} ({path.name})", flush=True)
     classifier = None
     if spec["source"] == "recompute":
         from stages._pool import build_model
@@ -214,11 +212,6 @@ def train_loop(spec: dict) -> None:
                 torch.save(state, os.path.join(tmp, "state.pt"))
                 _store_checkpoint(Path(spec["out_dir"]), epoch, os.path.join(tmp, "state.pt"), rec)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
-                print(f"[purifier] epoch {epoch + 1}/{p.epochs}: loss {rec['loss']:.2f} (reconstruction "
-                      f"{rec['reconstruction']:.2f}, KL {rec['kl']:.2f}, beta {beta:.2f}), active latent units "
-                      f"{rec['active_units']}/{p.f_joint}, lr {lr:.3g}, "
-                      f"{rec['examples_per_s']:.0f} examples/s, waited {rec['data_wait_s']:.1f} s of {seconds:.1f} s "
-                      f"on data", flush=True)
             ray.train.report({k: v for k, v in rec.items() if k != "kl_per_dim"}, checkpoint=checkpoint)
 
 
@@ -300,8 +293,52 @@ def run(ctx: Context, out: Output) -> None:
         run_config=ray.train.RunConfig(name=f"purifier-{out.key}", storage_path=str((out.dir / "ray_train").resolve()),
                                        failure_config=ray.train.FailureConfig(max_failures=2),
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)))
-    trainer.fit()
+    with _EpochLines(out.dir / "metrics.jsonl", p, ctx.log):
+        trainer.fit()
     _finalize(ctx, out, spec, time.perf_counter() - t0)
+
+
+def epoch_line(rec: dict, p) -> str:
+    return (f"[purifier] epoch {rec['epoch']}/{p.epochs}: loss {rec['loss']:.2f} (reconstruction "
+            f"{rec['reconstruction']:.2f}, KL {rec['kl']:.2f}, beta {rec['beta']:.2f}), active latent units "
+            f"{rec['active_units']}/{p.f_joint}, lr {rec['lr']:.3g}, {rec['examples_per_s']:.0f} examples/s, waited "
+            f"{rec['data_wait_s']:.1f} s of {rec['seconds']:.1f} s on data")
+
+
+class _EpochLines:
+    """The driver prints each finished epoch once, from the metrics file rank 0 writes into the store (workers'
+    own output stays in Ray's logs: the console shows only the project's lines)."""
+
+    def __init__(self, path: Path, p, log, every: float = 1.0):
+        import threading
+
+        self.path, self.p, self.log, self.every = path, p, log, every
+        self.seen = {json.loads(line)["epoch"] for line in path.read_text().splitlines()} if path.exists() else set()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _poll(self) -> None:
+        try:
+            lines = self.path.read_text().splitlines()
+        except FileNotFoundError:
+            return
+        for rec in map(json.loads, lines):
+            if rec["epoch"] not in self.seen:
+                self.seen.add(rec["epoch"])
+                self.log(epoch_line(rec, self.p))
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.every):
+            self._poll()
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+        self._poll()
 
 
 def _finalize(ctx: Context, out: Output, spec: dict, seconds: float) -> None:

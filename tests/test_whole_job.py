@@ -1,6 +1,7 @@
 """The whole job through the CLI: `--stage all`, the same again as cache hits, then a sweep that reuses every
 upstream output."""
 import csv
+import re
 import subprocess
 import sys
 
@@ -8,6 +9,9 @@ import pytest
 
 from tests.conftest import REPO, make_fmnist
 from tests.test_evaluate_stage import SETS
+
+
+PROJECT_LINE = re.compile(r"^\[(classifier|attacks|activations|purifier|evaluate|ray|pipeline|sweep)\] ")
 
 
 def cli(*args):
@@ -29,6 +33,15 @@ def test_all_then_cache_hits_then_sweep_reuses_upstream(tmp_path):
     r = cli("run", "--stage", "all", *args)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "[evaluate] report: " in r.stderr and r.stderr.count("cache hit") == 2
+    # The console holds only the project's own lines, each once; Ray's output goes to the store's logs folder.
+    for out in (a, r):
+        lines = (out.stdout + out.stderr).strip().splitlines()
+        foreign = [x for x in lines if not PROJECT_LINE.match(x)]
+        assert not foreign, foreign[:5]
+        epochs = [x for x in lines if x.startswith("[purifier] epoch ")]
+        assert len(epochs) == len(set(epochs))
+    assert len([x for x in r.stderr.splitlines() if x.startswith("[purifier] epoch ")]) == 2
+    assert "[ray] Ray's own logs" in r.stderr and list(store.glob("logs/session_*/*"))
     again = cli("run", "--stage", "all", *args)
     assert again.returncode == 0 and again.stderr.count("cache hit") == 5 and "[ray]" not in again.stderr
 
