@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import sys
+import threading
 import time
+from pathlib import Path
+from typing import Callable
 
 
 def echo(msg: str) -> None:
@@ -56,3 +59,41 @@ class Progress:
     @property
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
+
+
+class Follow:
+    """While a Ray task or Ray Train worker runs (its own output stays in Ray's logs), the driver prints each line
+    it writes to ``path`` once: complete lines only, ``fmt`` turning a line into the console text. Used as a
+    context manager around the blocking call; the last poll happens on exit."""
+
+    def __init__(self, path: Path, log=echo, fmt: Callable[[str], str] = lambda line: line, every: float = 1.0):
+        self.path, self.log, self.fmt, self.every = Path(path), log, fmt, every
+        self.seen = set(self._lines())  # lines already there (a resumed run) were printed before
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _lines(self) -> list[str]:
+        try:
+            text = self.path.read_text()
+        except FileNotFoundError:
+            return []
+        return text.splitlines()[:text.count("\n")]
+
+    def poll(self) -> None:
+        for line in self._lines():
+            if line and line not in self.seen:
+                self.seen.add(line)
+                self.log(self.fmt(line))
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.every):
+            self.poll()
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+        self.poll()

@@ -7,10 +7,12 @@ store, so the task may land on any node.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from pathlib import Path
 
 from pipeline.config import fingerprint
+from pipeline.log import Follow
 from pipeline.runner import Context, data_identity
 from pipeline.store import Output, array_sha256, atomic_write_json, file_record, sha256_file
 
@@ -40,8 +42,9 @@ def key(ctx: Context) -> str:
     return fingerprint(ident)
 
 
-def _obtain(cfg_dict: dict, train_ref, test_ref, out_dir: str, device: str, threads: int) -> dict:
-    """Runs inside a Ray task: train or load, evaluate, save. Returns the metrics."""
+def _obtain(cfg_dict: dict, train_ref, test_ref, out_dir: str, device: str, threads: int, progress: str) -> dict:
+    """Runs inside a Ray task: train or load, evaluate, save. Returns the metrics. Progress lines go to the file
+    ``progress``, which the driver prints from (the task's own output stays in Ray's logs)."""
     import torch
 
     from pipeline.adv_train import accuracy_under_pgd, adversarial_train
@@ -58,7 +61,8 @@ def _obtain(cfg_dict: dict, train_ref, test_ref, out_dir: str, device: str, thre
         x, y = train_ref
         history = adversarial_train(model, x, y, epochs=t.epochs, batch_size=t.batch_size, lr=t.lr,
                                     momentum=t.momentum, weight_decay=t.weight_decay, eps=t.eps,
-                                    pgd_steps=t.pgd_steps, pgd_step_size=t.pgd_step_size, seed=t.seed, device=device)
+                                    pgd_steps=t.pgd_steps, pgd_step_size=t.pgd_step_size, seed=t.seed, device=device,
+                                    log=lambda line: _append(progress, line))
     elif c.source == "file":
         load_weights(model, load_state_dict_file(c.path), c.path)
     else:
@@ -70,6 +74,11 @@ def _obtain(cfg_dict: dict, train_ref, test_ref, out_dir: str, device: str, thre
                                  batch_size=t.eval_batch_size, seed=t.seed, device=device)
     save_state_dict(model.cpu(), Path(out_dir) / "model.pt")
     return {**metrics, "history": history}
+
+
+def _append(path: str, line: str) -> None:
+    with open(path, "a") as f:
+        f.write(line + "\n")
 
 
 def run(ctx: Context, out: Output) -> None:
@@ -90,7 +99,13 @@ def run(ctx: Context, out: Output) -> None:
     ctx.log(f"[classifier] {cfg.classifier.source} {cfg.classifier.arch} on {device_for(res)} "
             f"({res['num_cpus']} CPU, {res['num_gpus']} GPU)")
     task = ray.remote(_obtain).options(**res, max_retries=1)
-    metrics = ray.get(task.remote(to_dict(cfg), train, test, str(out.dir), device_for(res), int(res["num_cpus"])))
+    progress = out.dir / f".progress.tmp-{os.getpid()}"  # a temporary: not part of the output
+    try:
+        with Follow(progress, ctx.log):
+            metrics = ray.get(task.remote(to_dict(cfg), train, test, str(out.dir), device_for(res),
+                                          int(res["num_cpus"]), str(progress.resolve())))
+    finally:
+        progress.unlink(missing_ok=True)
 
     model = build_classifier(cfg.classifier.arch, cfg.data.dataset, cfg.classifier.activation)
     load_weights(model, load_state_dict_file(out.dir / "model.pt"), str(out.dir / "model.pt"))

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from pipeline.config import fingerprint, to_dict
+from pipeline.log import Follow
 from pipeline.runner import Context
 from pipeline.store import Output, atomic_write_json, file_record
 
@@ -293,7 +294,7 @@ def run(ctx: Context, out: Output) -> None:
         run_config=ray.train.RunConfig(name=f"purifier-{out.key}", storage_path=str((out.dir / "ray_train").resolve()),
                                        failure_config=ray.train.FailureConfig(max_failures=2),
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)))
-    with _EpochLines(out.dir / "metrics.jsonl", p, ctx.log):
+    with Follow(out.dir / "metrics.jsonl", ctx.log, fmt=lambda line: epoch_line(json.loads(line), p)):
         trainer.fit()
     _finalize(ctx, out, spec, time.perf_counter() - t0)
 
@@ -303,42 +304,6 @@ def epoch_line(rec: dict, p) -> str:
             f"{rec['reconstruction']:.2f}, KL {rec['kl']:.2f}, beta {rec['beta']:.2f}), active latent units "
             f"{rec['active_units']}/{p.f_joint}, lr {rec['lr']:.3g}, {rec['examples_per_s']:.0f} examples/s, waited "
             f"{rec['data_wait_s']:.1f} s of {rec['seconds']:.1f} s on data")
-
-
-class _EpochLines:
-    """The driver prints each finished epoch once, from the metrics file rank 0 writes into the store (workers'
-    own output stays in Ray's logs: the console shows only the project's lines)."""
-
-    def __init__(self, path: Path, p, log, every: float = 1.0):
-        import threading
-
-        self.path, self.p, self.log, self.every = path, p, log, every
-        self.seen = {json.loads(line)["epoch"] for line in path.read_text().splitlines()} if path.exists() else set()
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _poll(self) -> None:
-        try:
-            lines = self.path.read_text().splitlines()
-        except FileNotFoundError:
-            return
-        for rec in map(json.loads, lines):
-            if rec["epoch"] not in self.seen:
-                self.seen.add(rec["epoch"])
-                self.log(epoch_line(rec, self.p))
-
-    def _run(self) -> None:
-        while not self.stop.wait(self.every):
-            self._poll()
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join()
-        self._poll()
 
 
 def _finalize(ctx: Context, out: Output, spec: dict, seconds: float) -> None:

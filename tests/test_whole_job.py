@@ -30,6 +30,8 @@ def test_all_then_cache_hits_then_sweep_reuses_upstream(tmp_path):
     a = cli("run", "--stage", "attacks", *args)  # like make: what attacks needs runs first
     assert a.returncode == 0, a.stderr[-3000:]
     assert "[pipeline] --stage attacks needs classifier first" in a.stderr and "[classifier] running" in a.stderr
+    assert a.stderr.count("[classifier] epoch 2/2: adversarial loss") == 1  # the task's progress, printed once
+    assert not list(store.glob("fmnist/classifier/*/.progress*"))
     r = cli("run", "--stage", "all", *args)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "[evaluate] report: " in r.stderr and r.stderr.count("cache hit") == 2
