@@ -141,7 +141,10 @@ def run(ctx: Context, out: Output) -> None:
     first = ev.first_example
     if first >= len(y):
         raise DataError(f"eval.first_example={first}: the {cfg.data.dataset} test split has {len(y)} points")
-    n = min(len(y) - first, ev.n_examples or len(y))
+    if ev.n_examples and first + ev.n_examples > len(y):
+        raise DataError(f"eval.n_examples={ev.n_examples} from eval.first_example={first}: the {cfg.data.dataset} "
+                        f"test split has {len(y)} points")
+    n = ev.n_examples or len(y) - first
     x, y = x[first:first + n], y[first:first + n]
     # Chunk ranges are positions within the evaluated points; the report names the absolute test indices.
     chunks = [(c, lo, min(lo + ev.chunk_size, n)) for c, lo in enumerate(range(0, n, ev.chunk_size))]

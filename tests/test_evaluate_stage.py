@@ -167,3 +167,12 @@ def test_a_corrupt_purifier_is_refused_before_use(store, data_dir, tmp_path):
     msg = runner.user_error(e.value)
     assert str(pt) in msg and "sha256" in msg and "\n" not in msg
     assert not ctx.output("evaluate").is_complete() and not list(copy.glob("*/baseline/*"))
+
+
+def test_more_points_than_the_split_is_an_error(store, data_dir):
+    from pipeline.data import DataError
+
+    ctx = make_ctx(store, data_dir, "eval.first_example=60", "eval.n_examples=8")  # 64 test points
+    with pytest.raises(DataError, match="eval.n_examples=8 from eval.first_example=60: the fmnist test split has 64"):
+        runner.run(ctx, "evaluate")
+    assert not ctx.output("evaluate").is_complete()
