@@ -105,21 +105,22 @@ def run(ctx: Context, stage: str, only: bool = False) -> list[Output]:
     (``stage='all'``). ``only``: run just that stage, and fail with UpstreamMissing when an upstream output is
     not complete (for cluster jobs that must not start upstream work). With ``purifier.activations_source:
     recompute`` nothing reads the cached activations, so that stage is skipped as an upstream one (for
-    WRN-28-10 it would write terabytes)."""
+    WRN-28-10 it would write terabytes). Returns the outputs of every stage for 'all', else ``[output]``."""
     names = list(STAGES)
     targets = names if stage == "all" else [stage] if only else names[:names.index(stage) + 1]
     upstream = [s for s in targets[:-1] if not ctx.output_or_none(s, complete=True)]
     if stage != "all" and not only and upstream:
         ctx.log(f"[pipeline] --stage {stage} needs {', '.join(upstream)} first: running them (--only skips this)")
-    outs = []
+    outs, ran = [], False
     try:
         for s in targets:
             if s == "activations" and s != stage and ctx.cfg.purifier.activations_source == "recompute":
                 ctx.log("[activations] skipped: purifier.activations_source is 'recompute'")
                 continue
+            ran = ran or ctx.output_or_none(s, complete=True) is None
             outs.append(run_stage(ctx, s))
     finally:
-        if ctx._ray_ready and not ctx.verbose:
+        if ran and ctx._ray_ready and not ctx.verbose:
             from .cluster import save_logs
 
             where = save_logs(ctx.store.root / "logs")
@@ -127,7 +128,7 @@ def run(ctx: Context, stage: str, only: bool = False) -> list[Output]:
                 ctx.log(f"[ray] Ray's own logs (workers, Ray Train): {where} (--verbose prints them here)")
     if outs[-1].stage == "evaluate":
         ctx.log(f"[evaluate] report: {outs[-1].dir / 'report.md'}")
-    return outs
+    return outs if stage == "all" else outs[-1:]
 
 
 def status(ctx: Context) -> list[tuple[str, str, str]]:

@@ -148,8 +148,10 @@ def test_cache_hit_and_key_reuse(built, data_dir):
     assert ctx2.output("purifier").dir != ctx.output("purifier").dir
     # A layer list enters keys resolved: the explicit default list is the same output as null.
     ctx3, _ = make_ctx(store, data_dir, "purifier.layers=[conv1,conv2,conv3]", "activations.layers=[conv1,conv2,conv3]")
+    ctx4, _ = make_ctx(store, data_dir, "purifier.layers=null")
     for s in ("activations", "purifier"):  # the evaluate key derives from the purifier key
-        assert ctx3.output(s).dir == ctx.output(s).dir
+        assert ctx3.output(s).dir == ctx4.output(s).dir
+    assert ctx4.output("purifier").dir != ctx.output("purifier").dir  # the default conditions on conv3 only
 
 
 def test_stale_keys_miss(built, data_dir):
