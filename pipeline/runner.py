@@ -21,7 +21,6 @@ STAGES = {
 }
 
 
-
 class UpstreamMissing(RuntimeError):
     """A stage's key depends on an upstream output that does not exist yet."""
 

@@ -23,7 +23,8 @@ GRID_EXAMPLES = 8
 
 # Code version of this stage, part of its store key (pipeline.runner.stage_key): bump it whenever a change
 # alters what the stage writes.
-# 2: purification and stochasticity diagnostics in results.json and report.md.
+# 2: diagnostics (purification, stochasticity, training) in chunks, results.json and report.md; randAA's clean
+#    pass seeded; samples.png; all N reconstructions in examples.npz.
 VERSION = 2
 
 
