@@ -2,17 +2,14 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import click
 
 from . import runner
-from .config import ConfigError, load_config
+from .config import load_config
+from .errors import EXIT_FAILED, find_user_error, one_line
 
 STAGE_NAMES = list(runner.STAGES) + ["all"]
-
-EXIT_CONFIG = 2  # invalid config, override or config path
-EXIT_FAILED = 1  # a stage failed (bad data, bad checkpoint, corrupt store, ...)
 
 
 def _fail(msg: str, code: int) -> None:
@@ -22,26 +19,24 @@ def _fail(msg: str, code: int) -> None:
 
 def _context(config: str, overrides: tuple[str, ...], store: str, ray_address: str | None,
              workers: int | None = None, verbose: bool = False) -> runner.Context:
-    try:
-        cfg = load_config(config, overrides)
-    except ConfigError as exc:
-        _fail(str(exc), EXIT_CONFIG)
+    cfg = _dispatch(load_config, config, overrides)
     return runner.Context(cfg=cfg, store=runner.store_root(store), ray_address=ray_address, workers=workers,
                           verbose=verbose)
 
 
 def _dispatch(fn, *args, **kwargs):
-    """Call into the runner: user-facing errors (bad data, checkpoint, store file) become one line and exit 1,
-    Ctrl-C says how to resume, anything else is a bug and keeps its traceback."""
+    """Call into the library: a UserError anywhere in the exception's chain (also from inside Ray) becomes one
+    line and its exit code (2 configuration, 1 data/store), Ctrl-C says how to resume, anything else is a bug
+    and keeps its traceback."""
     try:
         return fn(*args, **kwargs)
     except KeyboardInterrupt:
         _fail("interrupted; run the same command again to resume", 130)
     except Exception as exc:  # noqa: BLE001
-        msg = runner.user_error(exc)
-        if msg is None:
+        err = find_user_error(exc)
+        if err is None:
             raise
-        _fail(msg, EXIT_FAILED)
+        _fail(one_line(err), err.exit_code)
 
 
 config_option = click.option("--config", "-c", "config", required=True, metavar="FILE",
@@ -83,14 +78,17 @@ def main() -> None:
               help="Stage to run, after any upstream stage it needs that is not finished; or 'all'.")
 @click.option("--only", is_flag=True, default=False,
               help="Run just --stage: fail instead of running missing upstream stages (cluster jobs).")
+@click.option("--rebuild", is_flag=True, default=False,
+              help="Delete --stage's output and compute it again (every stage's with 'all'), e.g. after "
+                   "`pipeline verify` reported it corrupt. Upstream outputs are kept.")
 @set_option
 @store_option
 @ray_option
 @workers_option
 @verbose_option
-def run(config, stage, only, overrides, store, ray_address, workers, verbose):
+def run(config, stage, only, rebuild, overrides, store, ray_address, workers, verbose):
     """Run a stage (and what it needs) or all, for a config; finished outputs are reused, partial ones resumed."""
-    _dispatch(runner.run, _context(config, overrides, store, ray_address, workers, verbose), stage, only)
+    _dispatch(runner.run, _context(config, overrides, store, ray_address, workers, verbose), stage, only, rebuild)
 
 
 @main.command()
@@ -122,11 +120,8 @@ def sweep(config, grid_items, grid_file, overrides, store, ray_address, workers,
     one comparison table (markdown and CSV)."""
     from .sweep import parse_grid, run_sweep, validate
 
-    try:
-        grid = parse_grid(grid_items, grid_file)
-        validate(config, overrides, grid)
-    except ConfigError as exc:
-        _fail(str(exc), EXIT_CONFIG)
+    grid = _dispatch(parse_grid, grid_items, grid_file)
+    _dispatch(validate, config, overrides, grid)
     _dispatch(run_sweep, config, overrides, grid, runner.store_root(store), ray_address, workers, verbose=verbose)
 
 
@@ -134,46 +129,39 @@ def sweep(config, grid_items, grid_file, overrides, store, ray_address, workers,
 @config_option
 @set_option
 @store_option
-def plan(config, overrides, store):
-    """Before launching anything: the stage graph with cache status, the work and the bytes of each stage."""
+@click.option("--tflops", type=click.FloatRange(min=0, min_open=True), default=20.0, show_default=True,
+              help="Sustained TFLOP/s of one device, for the projected hours (20: a rough figure for one A100 on "
+                   "these convnets in TF32; about 0.07 on this project's 2-core CI machine).")
+@click.option("--devices", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Devices working at once, for the projected hours.")
+def plan(config, overrides, store, tflops, devices):
+    """Before launching anything: the stage graph with cache status, the work, FLOPs, projected hours and the
+    bytes of each stage."""
     from .plan import plan_lines
 
-    lines = _dispatch(plan_lines, _context(config, overrides, store, None))
+    lines = _dispatch(plan_lines, _context(config, overrides, store, None), tflops, devices)
     click.echo("\n".join(lines))
 
 
 @main.command()
 @click.option("--config", "-c", "config", default=None, metavar="FILE",
               help="Verify only the outputs of this config (default: every output in the store).")
+@click.option("--fix", is_flag=True, default=False,
+              help="Also remove what is safe to remove: leftover temporaries and empty key folders (a corrupt "
+                   "output is rebuilt with `pipeline run ... --rebuild`).")
 @set_option
 @store_option
-def verify(config, overrides, store):
-    """Check every stored file against its manifest (size and sha256); exit 1 naming each bad file."""
-    from .store import verify_output
-
-    if not Path(store).is_dir():
-        _fail(f"{store}: no store there (not a directory); pass the store with --store", EXIT_FAILED)
-    if config:
-        ctx = _context(config, overrides, store, None)
-        outputs = []
-        for s in runner.STAGES:
-            try:
-                out = ctx.output(s)
-            except runner.UpstreamMissing:
-                continue
-            if out.is_complete():
-                outputs.append(out)
-    else:
-        outputs = runner.store_root(store).all_outputs()
-    problems = []
-    for out in outputs:
-        found = verify_output(out)
-        problems += found
-        click.echo(f"{'ok ' if not found else 'BAD'} {out.stage:<12} {out.dir}")
-    for p in problems:
+def verify(config, fix, overrides, store):
+    """Check every stored file against its manifest (size and sha256), and report files no manifest lists and
+    empty key folders; exit 1 naming each problem."""
+    ctx = _context(config, overrides, store, None) if config else None
+    report = _dispatch(runner.verify, runner.store_root(store), ctx, fix)
+    for line in report.lines:
+        click.echo(line)
+    for p in report.problems:
         click.echo(f"error: {p}", err=True)
-    click.echo(f"{len(outputs)} output(s) checked, {len(problems)} problem(s)")
-    sys.exit(EXIT_FAILED if problems else 0)
+    click.echo(report.summary)
+    sys.exit(EXIT_FAILED if report.problems else 0)
 
 
 if __name__ == "__main__":  # pragma: no cover

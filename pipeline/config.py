@@ -21,9 +21,13 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from .errors import EXIT_CONFIG, UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A config file or override is invalid. ``str(err)`` is one line naming the source and the key."""
+
+    exit_code = EXIT_CONFIG
 
     def __init__(self, source: str, key: str, message: str):
         self.source, self.key, self.message = source, key, message
@@ -102,6 +106,8 @@ class AttackConfig:
     # Source examples per WebDataset shard (each holds 5 samples per example: clean + 4 attacks).
     shard_size: int = rng(default=1000, ge=1)
     seed: int = 0
+    # Opt-in bfloat16 autocast (pipeline/precision.py); float32 by default (and then absent from the store key).
+    precision: Literal["float32", "bfloat16"] = "float32"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -113,6 +119,8 @@ class ActivationsConfig:
     chunk_rows: int = rng(default=1000, ge=1)
     clevel: int = rng(default=3, ge=1, le=9)
     batch_size: int = rng(default=250, ge=1)
+    # Opt-in bfloat16 autocast (pipeline/precision.py); float32 by default (and then absent from the store key).
+    precision: Literal["float32", "bfloat16"] = "float32"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -147,6 +155,8 @@ class PurifierConfig:
     lookahead_k: int = rng(default=6, ge=1)
     workers: int = rng(default=1, ge=1)
     seed: int = 0
+    # Opt-in bfloat16 autocast (pipeline/precision.py); float32 by default (and then absent from the store key).
+    precision: Literal["float32", "bfloat16"] = "float32"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -174,6 +184,8 @@ class EvalConfig:
     chunk_size: int = rng(default=500, ge=1)
     batch_size: int = rng(default=250, ge=1)
     seed: int = 0
+    # The evaluation stays float32 unless asked: a bfloat16 figure is labelled as such in the report.
+    precision: Literal["float32", "bfloat16"] = "float32"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -319,18 +331,28 @@ def _apply_override(raw: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Load a YAML config file and apply ``key=value`` overrides; raise ConfigError on any problem."""
-    path = Path(path)
-    source = str(path)
+def read_yaml(path: str | Path, what: str = "config file"):
+    """Parse a YAML file; ConfigError (one line naming the file) when it is missing, unreadable, not text or not
+    YAML."""
+    path, source = Path(path), str(path)
     if not path.is_file():
-        raise ConfigError(source, "", "config file not found")
+        raise ConfigError(source, "", f"{what} not found")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(source, "", f"not a text (UTF-8) YAML file: undecodable byte at offset {exc.start}") from None
+    except OSError as exc:
+        raise ConfigError(source, "", f"cannot read the {what} ({exc.strerror})") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise ConfigError(source, "", f"invalid YAML{where}") from None
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Load a YAML config file and apply ``key=value`` overrides; raise ConfigError on any problem."""
+    source = str(path)
+    raw = read_yaml(path) or {}
     if not isinstance(raw, dict):
         raise ConfigError(source, "", "top level must be a mapping")
     cfg = build(RunConfig, raw, source=source)
@@ -344,6 +366,15 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
 def to_dict(obj) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(obj)))
+
+
+def key_fields(section, exclude: tuple[str, ...] = ()) -> dict:
+    """A config section as it enters a store key: without ``exclude`` (runtime-only fields) and without
+    ``precision`` at its float32 default, so outputs written before that setting existed keep their keys."""
+    d = {k: v for k, v in dataclasses.asdict(section).items() if k not in exclude}
+    if d.get("precision") == "float32":
+        del d["precision"]
+    return d
 
 
 def fingerprint(*parts: Any) -> str:

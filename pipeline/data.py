@@ -21,8 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import UserError
 
-class DataError(RuntimeError):
+
+class DataError(UserError):
     """Missing or malformed dataset files. The message names the path and how to obtain the data."""
 
 
@@ -78,9 +80,21 @@ def load_split(dataset: str, split: str, data_dir: str | None = None, subset: in
     loader = {"fmnist": _load_fmnist, "cifar10": _load_cifar10, "cifar100": _load_cifar100,
               "tinyimagenet": _load_tinyimagenet}[dataset]
     x, y = loader(root, split, meta)
+    check_arrays(x, y, meta, f"{root} ({split} split)")
     if subset is not None:
         x, y = x[:subset], y[:subset]
     return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y.astype(np.int64))
+
+
+def check_arrays(x: np.ndarray, y: np.ndarray, meta: DatasetInfo, where: str) -> None:
+    """Images of the dataset's shape and labels within its class count, or a DataError naming the files."""
+    if tuple(x.shape[1:]) != (meta.channels, meta.size, meta.size):
+        raise DataError(f"{where}: images are {'x'.join(map(str, x.shape[1:]))}, {meta.name} images are "
+                        f"{meta.channels}x{meta.size}x{meta.size}")
+    if len(y) and (int(y.min()) < 0 or int(y.max()) >= meta.num_classes):
+        bad = int(y.max()) if int(y.max()) >= meta.num_classes else int(y.min())
+        raise DataError(f"{where}: label {bad} outside the {meta.num_classes} {meta.name} classes (0-"
+                        f"{meta.num_classes - 1})")
 
 
 def _missing(meta: DatasetInfo, path: Path, what: str) -> DataError:

@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .models.hooks import capture
+from .precision import autocast
 
 AGGREGATIONS = ("robust", "logit", "prob")
 
@@ -49,12 +50,13 @@ class Carso(nn.Module):
     """classifier + purifier decoder, end to end. ``forward(x)`` returns aggregated log-probabilities."""
 
     def __init__(self, classifier: nn.Module, purifier: nn.Module, layers: list[str], samples: int = 8,
-                 aggregation: str = "robust"):
+                 aggregation: str = "robust", precision: str = "float32"):
         super().__init__()
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"unknown aggregation {aggregation!r}")
         self.classifier, self.purifier = classifier.eval(), purifier.eval()
         self.layers, self.samples, self.aggregation = list(layers), samples, aggregation
+        self.precision = precision  # "bfloat16": the networks under autocast, the aggregation in float32
         for p in self.parameters():
             p.requires_grad_(False)
 
@@ -69,8 +71,11 @@ class Carso(nn.Module):
         return recon.view(self.samples, x.shape[0], *recon.shape[1:])
 
     def sample_logits(self, x: torch.Tensor) -> torch.Tensor:
-        rec = self.reconstructions(x)
-        return self.classifier(rec.flatten(0, 1)).view(self.samples, x.shape[0], -1)
+        """(samples, B, classes) float32 logits of the classifier on each reconstruction."""
+        with autocast(self.precision, x.device):
+            rec = self.reconstructions(x)
+            logits = self.classifier(rec.flatten(0, 1))
+        return logits.float().view(self.samples, x.shape[0], -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return aggregate(self.sample_logits(x), self.aggregation)

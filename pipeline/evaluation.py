@@ -24,9 +24,10 @@ import torch
 import torch.nn.functional as F
 
 from .attacks import pgd, pgd_eot
+from .errors import UserError
 from .defense import Carso
 
-class EvalError(RuntimeError):
+class EvalError(UserError):
     """An evaluation setting that cannot be honoured here (e.g. a backend that is not installed)."""
 
 
@@ -49,6 +50,8 @@ def reduced_settings(ev) -> dict:
     out = {k: (getattr(ev, k), v) for k, v in PAPER_STRENGTH.items() if getattr(ev, k) < v}
     if ev.pgd_eot_step_size != 0.007:
         out["pgd_eot_step_size"] = (ev.pgd_eot_step_size, 0.007)
+    if getattr(ev, "precision", "float32") != "float32":  # bfloat16 gradients: labelled, never the paper's figure
+        out["precision"] = (ev.precision, "float32")
     return out
 
 

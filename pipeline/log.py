@@ -56,10 +56,6 @@ class Progress:
             self.log(f"[{self.stage}] {self.done}/{self.total} {self.unit} ({pct:.0f}%) | {human_rate(rate, self.unit)} | "
                      f"ETA {eta_s}")
 
-    @property
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.t0
-
 
 class Follow:
     """While a Ray task or Ray Train worker runs (its own output stays in Ray's logs), the driver prints each line

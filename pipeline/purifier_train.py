@@ -18,6 +18,7 @@ import torch.nn as nn
 from pytorch_optimizer import Lookahead
 
 from .models.purifier import vae_loss
+from .precision import autocast
 
 ACTIVE_KL = 0.01  # nats: a latent dimension whose average KL exceeds this carries information
 
@@ -39,10 +40,12 @@ class StepStats:
 
 
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, inputs: torch.Tensor, targets: torch.Tensor,
-               acts: list[torch.Tensor], beta: float) -> StepStats:
-    """One optimisation step: encode ``inputs`` with their activations ``acts``, reconstruct ``targets``."""
-    x_hat, mu, logvar = model(inputs, acts)
-    loss, reco, kl, kl_dims = vae_loss(x_hat, targets, mu, logvar, beta, per_dim=True)
+               acts: list[torch.Tensor], beta: float, precision: str = "float32") -> StepStats:
+    """One optimisation step: encode ``inputs`` with their activations ``acts``, reconstruct ``targets``. With
+    ``precision='bfloat16'`` the forward runs under autocast; the loss and the optimizer stay float32."""
+    with autocast(precision, inputs.device):
+        x_hat, mu, logvar = model(inputs, acts)
+    loss, reco, kl, kl_dims = vae_loss(x_hat.float(), targets, mu.float(), logvar.float(), beta, per_dim=True)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()

@@ -7,6 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 from .evaluation import PAPER_STRENGTH, reduced_settings
+from .store import atomic_file
 
 
 def _mean(xs: list[int]) -> float:
@@ -218,7 +219,7 @@ def markdown(r: dict) -> str:
                   f"latent dimensions active (average KL > {tr['active_threshold_nats']:g} nats). With few active "
                   "units the decoder ignores z: the reconstructions are nearly deterministic."]
     lines += ["", "## Reconstructions", "", "![inputs, adversarial inputs (randAA), reconstructions](reconstructions.png)",
-              "", f"Every reconstruction of a few clean inputs and of their randAA adversarial versions:", "",
+              "", "Every reconstruction of a few clean inputs and of their randAA adversarial versions:", "",
               "![all reconstructions of clean and attacked inputs](samples.png)", ""]
     return "\n".join(lines)
 
@@ -244,10 +245,9 @@ def grid(npz: Path, png: Path) -> bool:
             axes[r][c].axis("off")
         axes[r][0].set_title(title, fontsize=8, loc="left")
     fig.tight_layout()
-    tmp = png.with_name(".tmp-" + png.name)
-    fig.savefig(tmp, dpi=100, format="png")
+    with atomic_file(png) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
-    tmp.replace(png)
     return True
 
 
@@ -280,8 +280,7 @@ def samples_grid(npz: Path, png: Path) -> bool:
     axes[0][n + 1].set_title("randAA", fontsize=7)
     axes[0][n + 2].set_title(f"{n} reconstructions", fontsize=7, loc="left")
     fig.tight_layout(pad=0.2)
-    tmp = png.with_name(".tmp-" + png.name)
-    fig.savefig(tmp, dpi=80, format="png")
+    with atomic_file(png) as tmp:
+        fig.savefig(tmp, dpi=80, format="png")
     plt.close(fig)
-    tmp.replace(png)
     return True

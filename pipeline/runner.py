@@ -2,14 +2,18 @@
 from __future__ import annotations
 
 import importlib
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from . import preflight
 from .config import RunConfig, fingerprint
+from .errors import UserError
 from .log import echo, human_seconds
-from .store import Output, Store, StoreError
+from .store import (Output, Store, StoreError, empty_key_folders, has_files, output_lock, stale_temporaries,
+                    verify_output)
 
 # Stage name -> module (each exposes ``key(ctx)`` and ``run(ctx, out)``), in pipeline order.
 STAGES = {
@@ -21,7 +25,7 @@ STAGES = {
 }
 
 
-class UpstreamMissing(RuntimeError):
+class UpstreamMissing(UserError):
     """A stage's key depends on an upstream output that does not exist yet."""
 
 
@@ -79,35 +83,50 @@ def stage_key(ctx: Context, stage: str) -> str:
     return fingerprint({"stage": stage, "code_version": mod.VERSION, "inputs": mod.key(ctx)})
 
 
-def run_stage(ctx: Context, stage: str) -> Output:
+def run_stage(ctx: Context, stage: str, rebuild: bool = False) -> Output:
+    """Run one stage into its output (a cache hit when complete, unless ``rebuild``), holding the output's lock;
+    temporaries of dead writers are removed first, and a run that fails before writing a file leaves no folder."""
     mod = stage_module(stage)
     out = ctx.output(stage, create=False)
-    if out.is_complete():
+    if out.is_complete() and not rebuild:
         ctx.log(f"[{stage}] cache hit: {out.dir} (key {out.key})")
         return out
-    ctx.output(stage, create=True)
-    done = out.done_units()
-    if done:
-        ctx.log(f"[{stage}] resuming {out.dir}: {len(done)} unit(s) already finished")
-    else:
-        ctx.log(f"[{stage}] running -> {out.dir}")
-    t0 = time.perf_counter()
-    mod.run(ctx, out)
+    with output_lock(out):
+        if rebuild and out.dir.exists():
+            ctx.log(f"[{stage}] --rebuild: removing {out.dir}")
+            shutil.rmtree(out.dir)
+        ctx.output(stage, create=True)
+        for tmp in stale_temporaries(out.dir):
+            tmp.unlink(missing_ok=True)
+        done = out.done_units()
+        if done:
+            ctx.log(f"[{stage}] resuming {out.dir}: {len(done)} unit(s) already finished")
+        else:
+            ctx.log(f"[{stage}] running -> {out.dir}")
+        t0 = time.perf_counter()
+        try:
+            mod.run(ctx, out)
+        except BaseException:
+            if not has_files(out.dir):
+                shutil.rmtree(out.dir, ignore_errors=True)
+            raise
     if not out.is_complete():  # pragma: no cover - a stage bug, never a user error
         raise StoreError(f"{out.dir}: stage '{stage}' finished without writing its manifest")
     ctx.log(f"[{stage}] done in {human_seconds(time.perf_counter() - t0)}: {out.dir}")
     return out
 
 
-def run(ctx: Context, stage: str, only: bool = False) -> list[Output]:
+def run(ctx: Context, stage: str, only: bool = False, rebuild: bool = False) -> list[Output]:
     """Run a stage after every upstream stage it needs (finished ones are cache hits, like make), or all of them
     (``stage='all'``). ``only``: run just that stage, and fail with UpstreamMissing when an upstream output is
-    not complete (for cluster jobs that must not start upstream work). With ``purifier.activations_source:
+    not complete (for cluster jobs that must not start upstream work). ``rebuild``: delete and recompute the
+    requested stage's output (every stage's for 'all'), e.g. after ``pipeline verify`` found it corrupt. With ``purifier.activations_source:
     recompute`` nothing reads the cached activations, so that stage is skipped as an upstream one (for
     WRN-28-10 it would write terabytes). Returns the outputs of every stage for 'all', else ``[output]``."""
     names = list(STAGES)
     targets = names if stage == "all" else [stage] if only else names[:names.index(stage) + 1]
     upstream = [s for s in targets[:-1] if not ctx.output_or_none(s, complete=True)]
+    preflight.check(ctx, [s for s in targets if s == stage or s in upstream or stage == "all"])
     if stage != "all" and not only and upstream:
         ctx.log(f"[pipeline] --stage {stage} needs {', '.join(upstream)} first: running them (--only skips this)")
     outs, ran = [], False
@@ -117,7 +136,7 @@ def run(ctx: Context, stage: str, only: bool = False) -> list[Output]:
                 ctx.log("[activations] skipped: purifier.activations_source is 'recompute'")
                 continue
             ran = ran or ctx.output_or_none(s, complete=True) is None
-            outs.append(run_stage(ctx, s))
+            outs.append(run_stage(ctx, s, rebuild=rebuild and (stage == "all" or s == stage)))
     finally:
         if ran and ctx._ray_ready and not ctx.verbose:
             from .cluster import save_logs
@@ -132,6 +151,7 @@ def run(ctx: Context, stage: str, only: bool = False) -> list[Output]:
 
 def status(ctx: Context) -> list[tuple[str, str, str]]:
     """(stage, state, location) for every stage of the graph."""
+    preflight.check(ctx)
     rows = []
     for stage in STAGES:
         try:
@@ -149,25 +169,44 @@ def status(ctx: Context) -> list[tuple[str, str, str]]:
     return rows
 
 
-def user_error(exc: BaseException) -> str | None:
-    """The one-line message of a user-facing error (bad data, checkpoint or store file) anywhere in the chain
-    of ``exc``, including errors raised inside Ray tasks and actors; None when it is not one (a bug)."""
-    from .data import DataError
-    from .evaluation import EvalError
-    from .models import ModelError
+@dataclass
+class VerifyReport:
+    lines: list[str]
+    problems: list[str]
+    summary: str
 
-    seen = set()
-    stack = [exc]
-    while stack:
-        e = stack.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, (DataError, EvalError, ModelError, StoreError, UpstreamMissing)) \
-                and not type(e).__module__.startswith("ray"):
-            return str(e).strip().splitlines()[0]
-        stack += [getattr(e, "cause", None), e.__cause__, e.__context__]
-    return None
+
+def verify(store: Store, ctx: Context | None = None, fix: bool = False) -> VerifyReport:
+    """Every complete output of the store (or of ``ctx``'s config) checked file by file against its manifest,
+    plus unlisted files and empty key folders; ``fix`` removes the leftover temporaries and empty folders."""
+    if not store.root.is_dir():
+        raise StoreError(f"{store.root}: no store there (not a directory); pass the store with --store")
+    if ctx is not None:
+        outputs = [o for o in (ctx.output_or_none(s, complete=True) for s in STAGES) if o is not None]
+    else:
+        outputs = store.all_outputs()
+    lines, problems, fixed = [], [], 0
+    for out in outputs:
+        found = verify_output(out)
+        if fix:
+            for tmp in stale_temporaries(out.dir):
+                tmp.unlink(missing_ok=True)
+                fixed += 1
+            found = verify_output(out)
+        problems += found
+        lines.append(f"{'ok ' if not found else 'BAD'} {out.stage:<12} {out.dir}")
+    for d in empty_key_folders(store.root, STAGES):
+        if fix:
+            try:
+                with output_lock(Output(d, d.parent.name, d.name)):  # never a live run's fresh folder
+                    shutil.rmtree(d, ignore_errors=True)
+                fixed += 1
+            except StoreError as exc:
+                problems.append(str(exc))
+        else:
+            problems.append(f"{d}: empty key folder (a failed run's; `pipeline verify --fix` removes it)")
+    summary = f"{len(outputs)} output(s) checked, {len(problems)} problem(s)" + (f", {fixed} removed" if fix else "")
+    return VerifyReport(lines, problems, summary)
 
 
 def data_identity(cfg: RunConfig, split: str) -> dict:

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
+
+from .store import atomic_file
 
 
 def encode_npy(arr: np.ndarray) -> bytes:
@@ -42,18 +43,14 @@ def write_shard(path: Path, samples: Iterable[tuple[int, int, str, np.ndarray]])
     """Write ``(index, label, kind, image)`` samples to ``path`` atomically. Returns the sample count."""
     import webdataset as wds
 
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     n = 0
-    with open(tmp, "wb") as f:
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
         with wds.TarWriter(f, user="carso", group="carso", mtime=0, encoder=False) as tw:
             for index, label, kind, img in samples:
                 meta = json.dumps({"index": int(index), "label": int(label), "kind": kind}, sort_keys=True)
                 tw.write({"__key__": sample_key(index, kind), "img.npy": encode_npy(img.astype(np.float32)),
                           "json": meta.encode()})
                 n += 1
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
     return n
 
 

@@ -10,22 +10,28 @@ manifest resumes: it redoes only the units without a receipt. See storage_layout
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import platform
+import secrets
+import socket
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Iterable
+
+from .errors import UserError
 
 MANIFEST = "manifest.json"
 UNITS = "_units"
 FORMAT_VERSION = 1
 
 
-class StoreError(RuntimeError):
+class StoreError(UserError):
     """A stage output is missing, incomplete, truncated or altered. The message names the file."""
 
 
@@ -52,14 +58,81 @@ def array_sha256(*tensors) -> str:
     return h.hexdigest()
 
 
+TEMP_MARK = ".tmp-"  # every temporary in the store is named .<final name>.tmp-<pid>-<random>
+
+
+def temp_path(path: Path) -> Path:
+    """The one temporary-name scheme of the store: ``.<name>.tmp-<pid>-<random>`` beside ``path`` (unique per
+    writer, recognised by ``stale_temporaries``)."""
+    return path.with_name(f".{path.name}{TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
+
+
+@contextmanager
+def atomic_file(path: Path):
+    """Yield a temporary path beside ``path``; on success fsync it and rename it to ``path`` (readers see the old
+    file or the whole new one), on failure remove it."""
+    tmp = temp_path(path)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary sibling, fsync, rename: readers see the old file or the whole new one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
+
+
+LOCKS, LOCK_SUFFIX = ".locks", ".lock"
+
+
+@contextmanager
+def output_lock(out: "Output"):
+    """An advisory lock on one output directory (``<root>/.locks/<dataset>-<stage>-<key>.lock``; ``flock``,
+    released when the process ends, however it ends). A second run on the same output refuses with one line
+    naming the holder. Across cluster nodes it holds where the shared filesystem implements ``flock`` (NFSv4,
+    Lustre, local disks)."""
+    dataset_dir = out.dir.parent.parent
+    path = dataset_dir.parent / LOCKS / f"{dataset_dir.name}-{out.stage}-{out.key}{LOCK_SUFFIX}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise StoreError(f"{out.dir}: being written by {holder}; wait for that run to finish (or stop it), "
+                         f"then run again") from None
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()} since "
+                f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime())}\n")
         f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+        yield
+    finally:
+        f.truncate(0)
+        fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()
+
+
+def has_files(directory: Path) -> bool:
+    return directory.is_dir() and any(p.is_file() for p in directory.rglob("*"))
+
+
+def stale_temporaries(directory: Path) -> list[Path]:
+    """Temporaries under ``directory`` whose writing process is gone. Call it while holding the output's lock
+    (``output_lock``): then no other run writes there, and the only live writer is this process."""
+    found = []
+    for p in directory.rglob(f".*{TEMP_MARK}*"):
+        pid = p.name.rsplit(TEMP_MARK, 1)[1].split("-")[0]
+        if not pid.isdigit() or int(pid) != os.getpid():
+            found.append(p)
+    return found
 
 
 def atomic_write_json(path: Path, obj) -> None:
@@ -169,8 +242,14 @@ class Store:
                 for p in sorted(self.root.glob(f"*/*/*/{MANIFEST}"))]
 
 
+# Working state a finished output may hold besides its listed files: receipts, the purifier's last two
+# checkpoints (to resume or continue training) and Ray Train's bookkeeping.
+WORKING_DIRS = (UNITS, "checkpoints", "ray_train")
+
+
 def verify_output(out: Output, names: Iterable[str] | None = None) -> list[str]:
-    """Check every file listed in the manifest (or only ``names``) for presence, size and sha256.
+    """Check every file listed in the manifest (or only ``names``) for presence, size and sha256; with no
+    ``names``, also report files the manifest does not list (a killed writer's temporaries included).
     Return one problem line per bad file (empty when all is well)."""
     problems = []
     try:
@@ -182,7 +261,21 @@ def verify_output(out: Output, names: Iterable[str] | None = None) -> list[str]:
         if wanted is not None and rec["name"] not in wanted:
             continue
         problems += check_file(out.dir, rec)
+    if wanted is None:
+        listed = {rec["name"] for rec in manifest["files"]} | {MANIFEST}
+        for p in sorted(out.dir.rglob("*")):
+            rel = p.relative_to(out.dir)
+            if TEMP_MARK in p.name:
+                problems.append(f"{p}: leftover temporary of an interrupted writer (`pipeline verify --fix` removes it)")
+            elif p.is_file() and str(rel) not in listed and rel.parts[0] not in WORKING_DIRS:
+                problems.append(f"{p}: not listed in {out.manifest_path}")
     return problems
+
+
+def empty_key_folders(root: Path, stages: Iterable[str]) -> list[Path]:
+    """Key folders (``<dataset>/<stage>/<key>``) holding no file at all: what a run that failed before writing
+    anything would leave (runs remove them; an older version or a crash may not have)."""
+    return [d for s in stages for d in sorted(root.glob(f"*/{s}/*")) if d.is_dir() and not has_files(d)]
 
 
 def check_file(root: Path, rec: dict) -> list[str]:

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import yaml
 
-from .config import ConfigError, fingerprint, load_config, parse_override
+from .config import ConfigError, fingerprint, load_config, parse_override, read_yaml
 from .log import echo
-from .store import atomic_write_bytes, atomic_write_json
+from .store import atomic_file, atomic_write_bytes, atomic_write_json
 
 COLUMNS = ["AT/Cl", "C/Cl", "AT/AA", "C/randAA", "C/randAA fresh mean", "C/randAA fresh worst", "PGD+EOT fresh mean"]
 
@@ -37,9 +37,7 @@ def parse_grid(items: tuple[str, ...], grid_file: str | None) -> dict[str, list]
     grid: dict[str, list] = {}
     if grid_file:
         p = Path(grid_file)
-        if not p.is_file():
-            raise ConfigError(str(p), "", "grid file not found")
-        raw = yaml.safe_load(p.read_text()) or {}
+        raw = read_yaml(p, "grid file") or {}
         if not isinstance(raw, dict) or not isinstance(raw.get("grid"), dict):
             raise ConfigError(str(p), "grid", "expected a mapping 'grid: {key: [values, ...]}'")
         for k, vs in raw["grid"].items():
@@ -191,7 +189,6 @@ def eps_figure(rows: list[dict], png: Path) -> None:
     ax.set_ylim(0, 100)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = png.with_name(".tmp-" + png.name)
-    fig.savefig(tmp, dpi=100, format="png")
+    with atomic_file(png) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
-    tmp.replace(png)

@@ -40,9 +40,13 @@ def create(root: Path, *, n_rows: int, shapes: dict[str, tuple[int, ...]], dtype
 
 
 def open_array(root: Path, name: str, mode: str = "r"):
+    """Every chunk is written, also one equal to the fill value (all-zero labels or ReLU maps): receipts and
+    manifests list every chunk file. zarr 3.1 ignores ``open_array(config=...)`` for this; the global config at
+    open time is what the array keeps."""
     import zarr
 
-    return zarr.open_array(str(root / GROUP / name), mode=mode, config={"write_empty_chunks": True})
+    with zarr.config.set({"array.write_empty_chunks": True}):
+        return zarr.open_array(str(root / GROUP / name), mode=mode)
 
 
 def write_rows(root: Path, start: int, arrays: dict[str, np.ndarray]) -> None:
@@ -59,12 +63,6 @@ def chunk_files(root: Path, name: str, ndim: int, chunk_lo: int, chunk_hi: int) 
 
 def metadata_files(root: Path) -> list[Path]:
     return sorted((root / GROUP).rglob("zarr.json"))
-
-
-def group_attrs(root: Path) -> dict:
-    import zarr
-
-    return dict(zarr.open_group(str(root / GROUP), mode="r").attrs)
 
 
 class ActivationReader:

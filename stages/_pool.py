@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import time
 import warnings
-from pathlib import Path
 
 from pipeline.cluster import device_for, worker_resources
+from pipeline.errors import UserError, find_user_error, one_line
 from pipeline.log import Progress, human_bytes
 from pipeline.runner import Context
 from pipeline.store import Output
@@ -27,33 +27,26 @@ class UnitWorker:
     def __call__(self, batch: dict) -> dict:
         import numpy as np
 
-        from pipeline.runner import user_error
-
-        rows = {"unit": [], "items": [], "bytes": [], "error": []}
+        rows = {"unit": [], "items": [], "bytes": [], "error": [], "code": []}
         for i in range(len(batch["unit"])):
             unit = {k: (v[i].item() if hasattr(v[i], "item") else v[i]) for k, v in batch.items()}
             try:
                 rec = self.do_unit(unit)
-                error, written = "", sum(f["bytes"] for f in rec["files"])
+                error, code, written = "", 0, sum(f["bytes"] for f in rec["files"])
             except Exception as exc:  # noqa: BLE001
-                error = user_error(exc)
-                if error is None:
+                err = find_user_error(exc)
+                if err is None:
                     raise
-                written = 0
+                error, code, written = one_line(err), err.exit_code, 0
             rows["unit"].append(str(unit["unit"]))
             rows["items"].append(0 if error else int(unit["items"]))
             rows["bytes"].append(written)
             rows["error"].append(error)
+            rows["code"].append(code)
         return {k: np.array(v) for k, v in rows.items()}
 
     def do_unit(self, unit: dict) -> dict:  # pragma: no cover - abstract
         raise NotImplementedError
-
-
-def clean_stale_temporaries(out: Output) -> None:
-    """Remove temporary files a killed run left behind (never a finished file)."""
-    for p in out.dir.rglob(".*.tmp-*"):
-        p.unlink(missing_ok=True)
 
 
 def pool_size(ctx: Context, n_units: int) -> int:
@@ -91,9 +84,9 @@ def run_units(ctx: Context, out: Output, *, stage: str, worker_cls, worker_kwarg
                                 max_restarts=0)
         for row in ds.iter_rows():
             if row["error"]:
-                from pipeline.store import StoreError
-
-                raise StoreError(str(row["error"]))
+                err = UserError(str(row["error"]))
+                err.exit_code = int(row["code"])
+                raise err
             written += int(row["bytes"])
             progress.update(int(row["items"]))
     seconds = time.perf_counter() - t0
@@ -133,7 +126,3 @@ def build_model(payload: dict, device: str):
     model = build_classifier(payload["arch"], payload["dataset"], payload["activation"])
     load_weights(model, payload["state_dict"], "classifier payload")
     return model.eval().to(device)
-
-
-def rel(out: Output, p: Path) -> str:
-    return str(p.relative_to(out.dir))

@@ -7,14 +7,13 @@ attacks manifest (size, sha256) before it is read.
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.attacks import KINDS
-from pipeline.config import fingerprint, to_dict
+from pipeline.config import fingerprint, key_fields, to_dict
 from pipeline.runner import Context
 from pipeline.store import Output, atomic_write_json
 
@@ -44,8 +43,7 @@ def key(ctx: Context) -> str:
     return fingerprint({"stage": "activations", "attacks": attacks.key,
                         "weights_sha256": attacks.manifest()["inputs"]["classifier"]["weights_sha256"],
                         "layers": resolve_layers(ctx),  # resolved: null and the explicit default list share a key
-                        "activations": {k: v for k, v in dataclasses.asdict(ctx.cfg.activations).items()
-                                        if k != "layers"}})
+                        "activations": key_fields(ctx.cfg.activations, exclude=("layers",))})
 
 
 class ActivationWorker(_pool.UnitWorker):
@@ -89,6 +87,7 @@ class ActivationWorker(_pool.UnitWorker):
         import torch
 
         from pipeline.models.hooks import forward_with_activations
+        from pipeline.precision import autocast
 
         dtype = np.dtype(self.p["dtype"])
         parts: dict[str, list[np.ndarray]] = {name: [] for name in self.layers}
@@ -96,7 +95,8 @@ class ActivationWorker(_pool.UnitWorker):
         with torch.no_grad():
             for i in range(0, len(images), bs):
                 x = torch.from_numpy(images[i:i + bs]).to(self.device)
-                _, acts = forward_with_activations(self.model, x, self.layers)
+                with autocast(self.p["precision"], self.device):
+                    _, acts = forward_with_activations(self.model, x, self.layers)
                 for name, a in zip(self.layers, acts):
                     parts[name].append(a.float().cpu().numpy().astype(dtype))
         return {name: np.concatenate(v) for name, v in parts.items()}
@@ -141,14 +141,14 @@ def run(ctx: Context, out: Output) -> None:
     todo = [u for u in units if u["unit"] not in done]
     per_row = sum(int(np.prod(s)) for s in shapes.values()) * np.dtype(a.dtype).itemsize
     ctx.log(f"[activations] {n_rows} rows x {len(layers)} layers ({per_row} bytes/row before compression)")
-    _pool.clean_stale_temporaries(out)
     ctx.ray()
     summary = _pool.run_units(
         ctx, out, stage="activations", worker_cls=ActivationWorker, units=todo, total_items=n_rows,
         done_items=sum(u["rows"] for u in units if u["unit"] in done), unit_name="rows",
         worker_kwargs={"model_box": _pool.ref_box(_pool.model_payload(ctx.upstream("classifier"), cfg)),
                        "out_dir": str(out.dir), "attacks_dir": str(attacks.dir), "layers": layers,
-                       "params": {"dtype": a.dtype, "batch_size": a.batch_size, "chunk_rows": a.chunk_rows}})
+                       "params": {"dtype": a.dtype, "batch_size": a.batch_size, "chunk_rows": a.chunk_rows,
+                                  "precision": a.precision}})
     receipts = {r["unit"]: r for r in out.receipts()}
     missing = [u["unit"] for u in units if u["unit"] not in receipts]
     if missing:

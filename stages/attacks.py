@@ -8,12 +8,11 @@ workers. Units are shards; a killed run redoes only shards without a receipt.
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 
 from pipeline.attacks import KINDS
-from pipeline.config import fingerprint, to_dict
+from pipeline.config import fingerprint, key_fields, to_dict
 from pipeline.runner import Context, data_identity
 from pipeline.store import Output, array_sha256
 
@@ -54,7 +53,7 @@ VERSION = 1
 
 def key(ctx: Context) -> str:
     return fingerprint({"stage": "attacks", "data": data_identity(ctx.cfg, "train"),
-                        "classifier": _classifier_identity(ctx), "attack": dataclasses.asdict(ctx.cfg.attack)})
+                        "classifier": _classifier_identity(ctx), "attack": key_fields(ctx.cfg.attack)})
 
 
 def shard_name(k: int) -> str:
@@ -91,11 +90,12 @@ class AttackWorker(_pool.UnitWorker):
 
         from pipeline.attacks import training_mix
         from pipeline.data import to_float
+        from pipeline.precision import wrap
 
         x = to_float(self.x[i:j]).to(self.device)
         y = self.y[i:j].to(self.device)
         idx = torch.arange(i, j)
-        mix = training_mix(self.model, x, y, idx, eps=self.p["eps"], pgd_steps=self.p["pgd_steps"],
+        mix = training_mix(wrap(self.model, self.p["precision"], self.device), x, y, idx, eps=self.p["eps"], pgd_steps=self.p["pgd_steps"],
                            pgd_step_size=self.p["pgd_step_size"], random_start=self.p["random_start"],
                            seed=self.p["seed"])
         imgs = {k: v.cpu().numpy() for k, v in mix.items()}
@@ -115,9 +115,9 @@ def run(ctx: Context, out: Output) -> None:
                  for k, s in enumerate(range(0, n, S))]
     done = out.done_units()
     todo = [u for u in all_units if u["unit"] not in done]
-    _pool.clean_stale_temporaries(out)
     params = {"eps": effective_eps(cfg), "pgd_steps": cfg.attack.pgd_steps, "pgd_step_size": cfg.attack.pgd_step_size,
-              "random_start": cfg.attack.pgd_random_start, "seed": cfg.attack.seed, "batch_size": cfg.attack.batch_size}
+              "random_start": cfg.attack.pgd_random_start, "seed": cfg.attack.seed, "batch_size": cfg.attack.batch_size,
+              "precision": cfg.attack.precision}
     ctx.log(f"[attacks] {n} examples x 5 (clean, FGSM eps/2, FGSM eps, PGD eps/2, PGD eps) at eps={params['eps']:.6g}, "
             f"PGD {params['pgd_steps']} steps of {params['pgd_step_size']:g}")
     ctx.ray()

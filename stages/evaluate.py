@@ -8,14 +8,13 @@ Outputs: ``results.json``, ``report.md``, ``reconstructions.png``.
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 
 from pipeline import report
-from pipeline.config import fingerprint, to_dict
+from pipeline.config import fingerprint, key_fields, to_dict
 from pipeline.runner import Context, data_identity
-from pipeline.store import (Output, StoreError, atomic_write_json, file_record, read_sealed_json,
+from pipeline.store import (Output, StoreError, atomic_file, atomic_write_json, file_record, read_sealed_json,
                             write_sealed_json)
 
 GRID_EXAMPLES = 8
@@ -30,7 +29,7 @@ VERSION = 2
 
 def key(ctx: Context) -> str:
     pur = ctx.upstream("purifier")
-    ev = {k: v for k, v in dataclasses.asdict(ctx.cfg.eval).items()}
+    ev = key_fields(ctx.cfg.eval)
     return fingerprint({"stage": "evaluate", "purifier": pur.key, "test": data_identity(ctx.cfg, "test"),
                         "weights_sha256": ctx.upstream("attacks").manifest()["inputs"]["classifier"]["weights_sha256"],
                         "eval": ev})
@@ -52,7 +51,7 @@ def _models(payloads: dict, ev, device: str):
     purifier.load_state_dict(payloads["purifier_state"])
     purifier = purifier.to(device).eval()
     carso = Carso(classifier, purifier, payloads["purifier_spec"]["layers"], samples=ev.samples,
-                  aggregation=ev.aggregation)
+                  aggregation=ev.aggregation, precision=ev.precision)
     torch.set_grad_enabled(True)
     return classifier, carso
 
@@ -111,9 +110,8 @@ def evaluate_task(payload_box, data_box, out_dir: str, c: int, lo: int, hi: int,
     if ex is not None:
         p = out.dir / "chunks" / "examples.npz"
         p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(".examples.tmp.npz")
-        np.savez(tmp, **{k: v.numpy() for k, v in ex.items()})
-        tmp.replace(p)
+        with atomic_file(p) as tmp, open(tmp, "wb") as f:
+            np.savez(f, **{k: v.numpy() for k, v in ex.items()})
         files.append(p)
     res.update({"chunk": c, "range": [lo, hi], "seconds": time.perf_counter() - t0})
     p = out.dir / "chunks" / f"chunk-{c:04d}.json"
@@ -126,7 +124,6 @@ def evaluate_task(payload_box, data_box, out_dir: str, c: int, lo: int, hi: int,
 
 def run(ctx: Context, out: Output) -> None:
     import ray
-    import torch
 
     from pipeline.cluster import default_workers, device_for, worker_resources
     from pipeline.data import DataError, load_split

@@ -3,17 +3,18 @@
 Each worker reads its own attack shards (and, with ``purifier.activations_source: cache``, the matching Zarr
 rows of only the configured layers), composes adversarially-balanced batches (pipeline/balanced.py), and
 trains with RAdam + Lookahead under the per-epoch LR and beta schedules. Every epoch rank 0 writes a
-checkpoint into the store and reports it to Ray Train; a run restarted by Ray (lost worker) or re-run after
-being killed resumes from the latest checkpoint.
+checkpoint into the store (model, optimizer, history and every worker's random state) and reports the
+epoch's metrics to Ray Train; a run restarted by Ray Train (lost worker) or re-run after being killed resumes
+from the store's latest checkpoint, bit-identical to an uninterrupted run with the same worker count.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
+import shutil
 import time
 from pathlib import Path
 
-from pipeline.config import fingerprint, to_dict
+from pipeline.config import fingerprint, key_fields, to_dict
 from pipeline.log import Follow
 from pipeline.runner import Context
 from pipeline.store import Output, atomic_write_json, file_record
@@ -50,7 +51,7 @@ VERSION = 2
 
 def key(ctx: Context) -> str:
     # ``layers`` enters through the resolved list only: null and the equivalent explicit list share a key.
-    p = {k: v for k, v in dataclasses.asdict(ctx.cfg.purifier).items() if k not in ("workers", "layers")}
+    p = key_fields(ctx.cfg.purifier, exclude=("workers", "layers"))
     attacks = ctx.upstream("attacks")
     return fingerprint({"stage": "purifier", "attacks": attacks.key, **_source_key(ctx),
                         "weights_sha256": attacks.manifest()["inputs"]["classifier"]["weights_sha256"],
@@ -115,7 +116,7 @@ def _build(spec: dict):
                     std=tuple(m["std"]))
 
 
-def _conditioning(batch, classifier, layers, dtype, device):
+def _conditioning(batch, classifier, layers, dtype, device, precision="float32"):
     """Activations for the batch: the cached rows, or the frozen classifier's on the stored inputs, cast to
     the cache dtype (the same function either way)."""
     import torch
@@ -124,14 +125,47 @@ def _conditioning(batch, classifier, layers, dtype, device):
         return [torch.from_numpy(batch.acts[n]).to(device) for n in layers]
     from pipeline.models.hooks import forward_with_activations
 
-    with torch.no_grad():
+    from pipeline.precision import autocast
+
+    with torch.no_grad(), autocast(precision, device):
         _, acts = forward_with_activations(classifier, torch.from_numpy(batch.inputs).to(device), layers)
     return [a.to(getattr(torch, dtype)) for a in acts]
 
 
+WORKER_ERROR = ".worker-error.json"
+
+
 def train_loop(spec: dict) -> None:
-    import os
-    import tempfile
+    """Ray Train's entry point on every worker. A user error (a corrupt shard, a bad store file) is written to
+    ``<out>/.worker-error.json`` for the driver to print as one line, then raised so Ray Train stops."""
+    from pipeline.errors import find_user_error, one_line
+    from pipeline.store import atomic_write_bytes
+
+    try:
+        _train(spec)
+    except Exception as exc:
+        err = find_user_error(exc)
+        if err is not None:
+            atomic_write_bytes(Path(spec["out_dir"]) / WORKER_ERROR,
+                               json.dumps({"message": one_line(err), "exit_code": err.exit_code}).encode())
+        raise
+
+
+def _raise_worker_error(out_dir: Path) -> None:
+    """Re-raise, as one UserError line, the user error a Ray Train worker recorded (see ``train_loop``)."""
+    from pipeline.errors import UserError
+
+    path = out_dir / WORKER_ERROR
+    if path.is_file():
+        rec = json.loads(path.read_text())
+        path.unlink(missing_ok=True)
+        err = UserError(rec["message"])
+        err.exit_code = int(rec["exit_code"])
+        raise err
+
+
+def _train(spec: dict) -> None:
+    import io
 
     import ray.train
     import ray.train.torch
@@ -152,17 +186,16 @@ def train_loop(spec: dict) -> None:
     model = ray.train.torch.prepare_model(_build(spec).to(device))
     opt = build_optimizer(model, p)
     start, history = 0, []
-    ckpt = ray.train.get_checkpoint()
-    path = None
-    if ckpt is not None:
-        path = Path(ckpt.to_directory()) / "state.pt"
-    elif spec.get("resume_from"):
-        path = Path(spec["resume_from"])
+    # Resume from the newest checkpoint in the store, the one the driver named (rank 0 writes it before reporting
+    # to Ray Train, so it is never older than Ray Train's): after a driver re-run and after a Ray Train restart
+    # alike. With every random state restored, the result is bit-identical to an uninterrupted run.
+    path = latest_checkpoint(Path(spec["out_dir"]))
     if path is not None:
-        state = torch.load(path, map_location=device, weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
         (model.module if hasattr(model, "module") else model).load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start, history = state["epoch"] + 1, state["history"]
+        restore_rng(state.get("rng"), rank, world)
     classifier = None
     if spec["source"] == "recompute":
         from stages._pool import build_model
@@ -186,9 +219,9 @@ def train_loop(spec: dict) -> None:
             wait += time.perf_counter() - tw
             if batch is None:
                 break
-            acts = _conditioning(batch, classifier, spec["layers"], spec["dtype"], device)
+            acts = _conditioning(batch, classifier, spec["layers"], spec["dtype"], device, spec["act_precision"])
             st = train_step(model, opt, torch.from_numpy(batch.inputs).to(device),
-                            torch.from_numpy(batch.targets).to(device), acts, beta)
+                            torch.from_numpy(batch.targets).to(device), acts, beta, p.precision)
             sums += torch.tensor([st.loss * st.n, st.reconstruction * st.n, st.kl * st.n, st.n, 0.0],
                                  dtype=torch.float64)
             kl_dims += st.kl_dims
@@ -204,25 +237,52 @@ def train_loop(spec: dict) -> None:
                "data_wait_s": sums[4].item() / world, "kl_per_dim": [round(v, 5) for v in (kl_dims / n).tolist()]}
         rec["active_units"] = active_units(rec["kl_per_dim"])
         history.append(rec)
-        with tempfile.TemporaryDirectory() as tmp:
-            checkpoint = None
-            if rank == 0:
-                state = {"model": (model.module if hasattr(model, "module") else model).state_dict(),
-                         "slow_model": slow_state_dict(model, opt), "optimizer": opt.state_dict(), "epoch": epoch,
-                         "history": history}
-                torch.save(state, os.path.join(tmp, "state.pt"))
-                _store_checkpoint(Path(spec["out_dir"]), epoch, os.path.join(tmp, "state.pt"), rec)
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report({k: v for k, v in rec.items() if k != "kl_per_dim"}, checkpoint=checkpoint)
+        rng = gather_rng(world)
+        if rank == 0:  # the checkpoint lives in the store only: every restart resumes from there (above)
+            state = {"model": (model.module if hasattr(model, "module") else model).state_dict(),
+                     "slow_model": slow_state_dict(model, opt), "optimizer": opt.state_dict(), "epoch": epoch,
+                     "history": history, "rng": rng}
+            buf = io.BytesIO()
+            torch.save(state, buf)
+            _store_checkpoint(Path(spec["out_dir"]), epoch, buf.getvalue(), rec)
+        ray.train.report({k: v for k, v in rec.items() if k != "kl_per_dim"})
 
 
-def _store_checkpoint(out_dir: Path, epoch: int, state_path: str, rec: dict) -> None:
+def gather_rng(world: int) -> list[dict]:
+    """Every worker's torch random state (CPU, and CUDA where used), gathered to all ranks. Batch order needs none:
+    it is a function of (seed, epoch, rank) (pipeline/balanced.py)."""
+    import torch
+    import torch.distributed as dist
+
+    mine = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        mine["cuda"] = torch.cuda.get_rng_state()
+    if world == 1 or not (dist.is_available() and dist.is_initialized()):
+        return [mine]
+    every: list = [None] * world
+    dist.all_gather_object(every, mine)  # between this job's own workers
+    return every
+
+
+def restore_rng(rng: list[dict] | None, rank: int, world: int) -> None:
+    """Set this worker's random state from a checkpoint written with the same number of workers (otherwise the
+    seeds of the run's start stay: a resume on another worker count is valid but not bit-identical)."""
+    import torch
+
+    if not rng or len(rng) != world:
+        return
+    torch.set_rng_state(rng[rank]["cpu"])
+    if "cuda" in rng[rank] and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng[rank]["cuda"])
+
+
+def _store_checkpoint(out_dir: Path, epoch: int, state: bytes, rec: dict) -> None:
     """Rank 0: the epoch's checkpoint into the store (atomically), the epoch's metrics line, old ones pruned."""
     from pipeline.store import atomic_write_bytes
 
     d = out_dir / CKPT_DIR
     d.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(d / f"epoch-{epoch:04d}.pt", Path(state_path).read_bytes())
+    atomic_write_bytes(d / f"epoch-{epoch:04d}.pt", state)
     for old in sorted(d.glob("epoch-*.pt"))[:-2]:
         old.unlink(missing_ok=True)
     lines = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()] \
@@ -272,7 +332,8 @@ def run(ctx: Context, out: Output) -> None:
                          f"examples on {workers} worker(s)")
     threads = 1 if gpus else max(1, cpus_per_node() // workers)
     spec = {"purifier": to_dict(p), "model": model_spec(ctx, layers), "layers": layers, "source": p.activations_source,
-            "attacks_dir": str(attacks.dir.resolve()), "dtype": cfg.activations.dtype, "out_dir": str(out.dir.resolve()),
+            "attacks_dir": str(attacks.dir.resolve()), "dtype": cfg.activations.dtype,
+            "act_precision": cfg.activations.precision, "out_dir": str(out.dir.resolve()),
             "examples_per_shard": examples, "steps": steps, "threads": threads,
             "buffer_examples": max(p.batch_size // workers, min(4 * cfg.attack.shard_size, sum(examples) // workers // 2)),
             "cache_bytes": 2 * 1024 ** 3}
@@ -281,8 +342,7 @@ def run(ctx: Context, out: Output) -> None:
     else:
         spec["classifier"] = _pool.model_payload(ctx.upstream("classifier"), cfg)
     latest = latest_checkpoint(out.dir)
-    if latest is not None:
-        spec["resume_from"] = str(latest.resolve())
+    if latest is not None:  # the workers resume from this same file (train_loop)
         ctx.log(f"[purifier] resuming from {latest.name}")
     ctx.log(f"[purifier] {workers} worker(s) ({'GPU' if gpus else f'CPU x{threads} threads'}), global batch "
             f"{p.batch_size} ({p.batch_size // workers}/worker, adversarial fraction {p.adv_fraction}), "
@@ -294,8 +354,16 @@ def run(ctx: Context, out: Output) -> None:
         run_config=ray.train.RunConfig(name=f"purifier-{out.key}", storage_path=str((out.dir / "ray_train").resolve()),
                                        failure_config=ray.train.FailureConfig(max_failures=2),
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)))
+    (out.dir / WORKER_ERROR).unlink(missing_ok=True)
     with Follow(out.dir / "metrics.jsonl", ctx.log, fmt=lambda line: epoch_line(json.loads(line), p)):
-        trainer.fit()
+        try:
+            trainer.fit()
+        except BaseException:
+            if latest_checkpoint(out.dir) is None:  # nothing to resume from: leave no Ray Train bookkeeping
+                shutil.rmtree(out.dir / "ray_train", ignore_errors=True)
+            _raise_worker_error(out.dir)  # a user error inside a worker: one line, not Ray Train's traceback
+            raise
+    _raise_worker_error(out.dir)
     _finalize(ctx, out, spec, time.perf_counter() - t0)
 
 

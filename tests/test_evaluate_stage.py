@@ -11,9 +11,10 @@ import pytest
 
 from pipeline import runner
 from pipeline.config import load_config
+from pipeline.errors import find_user_error, one_line
 from tests.conftest import REPO, built_store, make_fmnist
 
-SETS = ["classifier.train.epochs=2", "classifier.train.batch_size=32", "data.test_subset=64", "attack.shard_size=64",
+SETS = ["attack.n_examples=null", "classifier.train.epochs=2", "classifier.train.batch_size=32", "data.test_subset=64", "attack.shard_size=64",
         "attack.batch_size=64", "attack.pgd_steps=3", "activations.chunk_rows=64", "purifier.batch_size=32",
         "purifier.epochs=2", "purifier.warmup_epochs=0", "purifier.plateau_epochs=1", "purifier.anneal_epochs=1",
         "purifier.beta_start_epoch=0", "purifier.beta_end_epoch=1", "purifier.plateau_lr=0.002",
@@ -146,7 +147,7 @@ def test_official_backend_missing_is_a_clear_error(store, data_dir):
     ctx = make_ctx(store, data_dir, "eval.backend=autoattack")
     with pytest.raises(EvalError) as e:
         runner.run(ctx, "evaluate")
-    msg = runner.user_error(e.value)
+    msg = one_line(find_user_error(e.value))
     assert msg.startswith("eval.backend=autoattack: the official AutoAttack package is not importable")
     assert "\n" not in msg and not ctx.output("evaluate").is_complete()
 
@@ -164,15 +165,16 @@ def test_a_corrupt_purifier_is_refused_before_use(store, data_dir, tmp_path):
     pt.write_bytes(bytes(blob))
     with pytest.raises(StoreError) as e:
         runner.run(ctx, "evaluate")
-    msg = runner.user_error(e.value)
+    msg = one_line(find_user_error(e.value))
     assert str(pt) in msg and "sha256" in msg and "\n" not in msg
     assert not ctx.output("evaluate").is_complete() and not list(copy.glob("*/baseline/*"))
 
 
 def test_more_points_than_the_split_is_an_error(store, data_dir):
-    from pipeline.data import DataError
+    """Checked before anything runs (a configuration error, exit 2), never clamped."""
+    from pipeline.config import ConfigError
 
     ctx = make_ctx(store, data_dir, "eval.first_example=60", "eval.n_examples=8")  # 64 test points
-    with pytest.raises(DataError, match="eval.n_examples=8 from eval.first_example=60: the fmnist test split has 64"):
+    with pytest.raises(ConfigError, match="eval.n_examples: 8 from eval.first_example=60: the fmnist test split has 64"):
         runner.run(ctx, "evaluate")
-    assert not ctx.output("evaluate").is_complete()
+    assert not ctx.output("evaluate").dir.exists()

@@ -22,7 +22,7 @@ from pipeline.store import StoreError
 from pipeline.zarr_store import ActivationReader
 from tests.conftest import REPO, make_fmnist
 
-TINY = ["classifier.train.epochs=1", "classifier.train.batch_size=32", "attack.shard_size=16", "attack.batch_size=8",
+TINY = ["attack.n_examples=null", "classifier.train.epochs=1", "classifier.train.batch_size=32", "attack.shard_size=16", "attack.batch_size=8",
         "attack.pgd_steps=5", "activations.chunk_rows=16", "activations.batch_size=32"]
 
 
@@ -271,3 +271,14 @@ def test_sizes_match_the_storage_layout_arithmetic(built):
     assert out.manifest()["counts"]["samples"] == est["samples"]
     acts = built["outs"]["activations"].manifest()
     assert acts["counts"]["bytes_per_row_raw"] + 17 == est["activation_row_bytes"]
+
+
+def test_a_chunk_equal_to_the_fill_value_is_still_written(tmp_path):
+    """All-zero rows (labels of class 0, a dead ReLU map) still get their chunk file, which receipts list."""
+    from pipeline import zarr_store
+
+    zarr_store.create(tmp_path, n_rows=20, shapes={"conv1": (2, 3, 3)}, dtype="float16", chunk_rows=10, clevel=3,
+                      attrs={})
+    zarr_store.write_rows(tmp_path, 0, {"conv1": np.zeros((20, 2, 3, 3), np.float16), "label": np.zeros(20, np.int64)})
+    for name, ndim in (("conv1", 4), ("label", 1)):
+        assert all(p.is_file() for p in zarr_store.chunk_files(tmp_path, name, ndim, 0, 2)), name

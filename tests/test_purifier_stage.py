@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from pipeline import runner
 from pipeline.config import load_config
 from tests.conftest import REPO, built_store, make_fmnist
 
-SETS = ["classifier.train.epochs=1", "classifier.train.batch_size=64", "data.test_subset=32", "attack.shard_size=64",
+SETS = ["attack.n_examples=null", "classifier.train.epochs=1", "classifier.train.batch_size=64", "data.test_subset=32", "attack.shard_size=64",
         "attack.batch_size=64", "attack.pgd_steps=3", "activations.chunk_rows=64", "purifier.batch_size=32",
         "purifier.epochs=4", "purifier.warmup_epochs=0", "purifier.plateau_epochs=2", "purifier.anneal_epochs=2",
         "purifier.beta_start_epoch=1", "purifier.beta_end_epoch=3", "purifier.plateau_lr=0.002",
@@ -127,30 +128,84 @@ def _cli_args(store, data_dir, *extra):
     return ["--config", "configs/fmnist.yaml", "--store", str(store), *sets]
 
 
+def _start(store, data_dir, extra):
+    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "--stage", "purifier",
+                             *_cli_args(store, data_dir, *extra)], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _wait_for_checkpoint(store, proc, name: str) -> Path | None:
+    """Block until a checkpoint at or after ``name`` exists (an event, not a deadline: polls while the run
+    lives)."""
+    while proc.poll() is None:
+        found = sorted(store.glob("fmnist/purifier/*/checkpoints/epoch-*.pt"))
+        if found and found[-1].name >= name:
+            return found[-1]
+        time.sleep(0.05)
+    return None
+
+
+def _ray_train_worker_pids() -> list[int]:
+    r = subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True)
+    return [int(x) for x in r.stdout.split()]
+
+
 @pytest.mark.slow
-def test_killed_training_resumes_from_last_checkpoint(store, data_dir, tmp_path):
-    copy = tmp_path / "store"
-    shutil.copytree(store, copy, ignore=shutil.ignore_patterns("purifier"))  # no other run's checkpoints
-    extra = ["purifier.epochs=30", "purifier.anneal_epochs=28"]
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "--stage", "purifier",
-                             *_cli_args(copy, data_dir, *extra)], cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline, ck = time.time() + 240, None
-    while time.time() < deadline and proc.poll() is None:
-        found = sorted(copy.glob("fmnist/purifier/*/checkpoints/epoch-*.pt"))
-        if any(p.name >= "epoch-0001.pt" for p in found):
-            ck = found[-1]
-            break
-        time.sleep(0.1)
+def test_resumed_training_is_bit_identical_to_an_uninterrupted_run(store, data_dir, tmp_path):
+    """Driver killed at one epoch and re-run; a Ray Train worker killed at another (Ray Train restarts the
+    group): both purifier.pt files equal the uninterrupted run's, byte for byte."""
+    extra = ["purifier.epochs=16", "purifier.anneal_epochs=14"]
+    copies = {}
+    for name in ("whole", "driver", "worker"):
+        copies[name] = tmp_path / name
+        shutil.copytree(store, copies[name], ignore=shutil.ignore_patterns("purifier"))
+    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "--stage", "purifier",
+                        *_cli_args(copies["whole"], data_dir, *extra)], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (reference,) = copies["whole"].glob("fmnist/purifier/*/purifier.pt")
+
+    # 1. the driver (and with it the whole local Ray instance) killed after epoch 3's checkpoint; re-run
+    proc = _start(copies["driver"], data_dir, extra)
+    ck = _wait_for_checkpoint(copies["driver"], proc, "epoch-0002.pt")
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert ck is not None, "no checkpoint appeared"
-    out_dir = ck.parent.parent
-    assert not (out_dir / "manifest.json").exists()
+    assert ck is not None, "the run ended before its third checkpoint"
+    assert not (ck.parent.parent / "manifest.json").exists()
     r = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "--stage", "purifier",
-                        *_cli_args(copy, data_dir, *extra)], cwd=REPO, capture_output=True, text=True)
+                        *_cli_args(copies["driver"], data_dir, *extra)], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resuming from epoch-" in r.stderr
+    out_dir = ck.parent.parent
     hist = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [h["epoch"] for h in hist] == list(range(1, 31))
-    assert json.loads((out_dir / "manifest.json").read_text())["counts"]["epochs"] == 30
+    assert [h["epoch"] for h in hist] == list(range(1, 17))
+    assert (out_dir / "purifier.pt").read_bytes() == reference.read_bytes()
+
+    # 2. one Ray Train worker killed after epoch 7's checkpoint: Ray Train restarts the worker group, which
+    #    resumes from the store's newest checkpoint inside the same driver run
+    proc = _start(copies["worker"], data_dir, extra)
+    ck = _wait_for_checkpoint(copies["worker"], proc, "epoch-0006.pt")
+    pids = _ray_train_worker_pids()
+    assert ck is not None and pids, "no running Ray Train worker to kill"
+    os.kill(pids[-1], signal.SIGKILL)
+    _, err = proc.communicate()
+    assert proc.returncode == 0, err[-3000:]
+    (resumed,) = copies["worker"].glob("fmnist/purifier/*/purifier.pt")
+    assert resumed.read_bytes() == reference.read_bytes()
+
+
+@pytest.mark.slow
+def test_a_corrupt_shard_inside_ray_train_is_one_line(store, data_dir, tmp_path):
+    """A store error raised inside the Ray Train workers reaches the console as one line naming the shard
+    (exit 1), not Ray Train's worker-group traceback; no purifier folder is left behind."""
+    copy = tmp_path / "store"
+    shutil.copytree(store, copy, ignore=shutil.ignore_patterns("purifier"))
+    (shard,) = copy.glob("fmnist/attacks/*/shard-000000.tar")
+    blob = bytearray(shard.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    shard.write_bytes(bytes(blob))
+    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "--stage", "purifier", "--only",
+                        *_cli_args(copy, data_dir)], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 1, r.stderr[-3000:]
+    errors = [line for line in r.stderr.strip().splitlines() if not line.startswith("[")]
+    assert errors == [errors[-1]] and f"{shard}: content altered" in errors[0], r.stderr[-3000:]
+    assert not list(copy.glob("fmnist/purifier/*"))

@@ -9,11 +9,12 @@ import torch
 import torch.nn as nn
 
 from ..data import info
+from ..errors import UserError
 from .cnn import SmallCNN
 from .wrn import WideResNet
 
 
-class ModelError(RuntimeError):
+class ModelError(UserError):
     """A checkpoint that cannot be found, read or matched to the architecture."""
 
 
@@ -98,6 +99,6 @@ def save_state_dict(model: nn.Module, path: Path) -> None:
     """Atomic save: a crash never leaves a half-written checkpoint under the final name."""
     buf = io.BytesIO()
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(buf.getvalue())
-    tmp.replace(path)
+    from ..store import atomic_write_bytes
+
+    atomic_write_bytes(path, buf.getvalue())

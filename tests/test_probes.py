@@ -1,0 +1,141 @@
+"""Issue 15's probes, as a careful user would run them from outside: bad inputs give one line and the documented
+exit code (2 configuration, 1 data/store) and write nothing; a corrupt output is reported by `pipeline verify`
+and repaired with `--rebuild`; two runs on one output never both write; leftovers are reported and removed.
+(Corruptions caught by the reading stage: test_precompute, test_evaluate_stage, test_purifier_stage; the
+purifier's kill-and-resume: test_purifier_stage.)"""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from pipeline import runner
+from pipeline.config import load_config
+from pipeline.store import output_lock
+from tests.conftest import REPO, make_fmnist, write_idx
+
+CLF = ["attack.n_examples=null", "classifier.train.epochs=1", "classifier.train.batch_size=32"]
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, cwd=REPO)
+
+
+def sets(data_dir, *extra):
+    return [a for s in [f"data.data_dir={data_dir}", *CLF, *extra] for a in ("--set", s)]
+
+
+def one_line(r, code: int, *needles: str) -> None:
+    """Exit ``code``; the error is one line (the last), every other line the project's own progress."""
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == code, r.stderr[-2000:]
+    errors = [line for line in lines if not line.startswith("[")]
+    assert len(errors) == 1 and lines[-1] == errors[0] and errors[0].startswith("error: "), r.stderr[-2000:]
+    for n in needles:
+        assert n in errors[0], errors[0]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_fmnist(tmp_path_factory.mktemp("probe") / "fmnist", n_train=64, n_test=32)
+
+
+@pytest.mark.parametrize("command", ["run", "plan", "status"])
+@pytest.mark.parametrize("setting,needle", [("activations.layers=[conv9]", "activations.layers: unknown layer(s) conv9"),
+                                            ("purifier.layers=[conv9]", "purifier.layers: conv9 not among")])
+def test_unknown_layer_names_exit_2_before_anything_runs(tmp_path, data, command, setting, needle):
+    extra = ["--stage", "classifier"] if command == "run" else []
+    r = cli(command, "--config", "configs/fmnist.yaml", "--store", str(tmp_path / "s"), *extra,
+            *sets(data, setting))
+    one_line(r, 2, needle)
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("stage,setting,needle", [
+    ("attacks", "attack.n_examples=65", "attack.n_examples: 65 exceeds the 64 fmnist training images"),
+    ("evaluate", "eval.n_examples=33", "eval.n_examples: 33 from eval.first_example=0: the fmnist test split has 32"),
+    ("evaluate", "eval.first_example=32", "eval.first_example: 32: the fmnist test split has 32")])
+def test_example_counts_beyond_the_split_exit_2_unclamped(tmp_path, data, stage, setting, needle):
+    r = cli("run", "--config", "configs/fmnist.yaml", "--store", str(tmp_path / "s"), "--stage", stage,
+            *sets(data, setting))
+    one_line(r, 2, needle)
+    assert not (tmp_path / "s").exists()
+
+
+def test_binary_config_exit_2(tmp_path):
+    bad = tmp_path / "model.yaml"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff\xfe")
+    one_line(cli("plan", "--config", str(bad)), 2, str(bad), "not a text (UTF-8) YAML file")
+
+
+def test_store_that_is_a_file_exit_1(tmp_path, data):
+    f = tmp_path / "store"
+    f.write_text("not a store")
+    r = cli("run", "--config", "configs/fmnist.yaml", "--store", str(f), "--stage", "classifier", *sets(data))
+    one_line(r, 1, f"--store {f}: exists and is not a directory")
+    assert f.read_text() == "not a store"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("defect,needle", [("label", "label 200 outside the 10 fmnist classes"),
+                                           ("shape", "images are 1x32x32, fmnist images are 1x28x28")])
+def test_malformed_idx_data_exit_1_from_inside_ray(tmp_path, defect, needle):
+    """Read inside the classifier's Ray task: the console still gets one line naming the data directory."""
+    root = make_fmnist(tmp_path / "fmnist", n_train=64, n_test=32)
+    if defect == "label":
+        y = np.zeros(64, np.uint8)
+        y[5] = 200
+        write_idx(root / "train-labels-idx1-ubyte", y)
+    else:
+        write_idx(root / "train-images-idx3-ubyte", np.zeros((64, 32, 32), np.uint8))
+    r = cli("run", "--config", "configs/fmnist.yaml", "--store", str(tmp_path / "s"), "--stage", "classifier",
+            *sets(root))
+    one_line(r, 1, needle, str(root))
+    assert not list((tmp_path / "s").glob("fmnist/classifier/*"))  # no empty key folder left behind
+
+
+def test_a_second_run_on_a_locked_output_refuses_naming_the_holder(tmp_path, data):
+    cfg = load_config(REPO / "configs/fmnist.yaml", [f"data.data_dir={data}", *CLF])
+    ctx = runner.Context(cfg=cfg, store=runner.store_root(tmp_path / "s"), log=lambda m: None)
+    out = ctx.output("classifier")
+    with output_lock(out):
+        r = cli("run", "--config", "configs/fmnist.yaml", "--store", str(tmp_path / "s"), "--stage", "classifier",
+                *sets(data))
+        one_line(r, 1, f"{out.dir}: being written by pid {os.getpid()}")
+    assert not out.is_complete()
+
+
+@pytest.mark.slow
+def test_verify_finds_corruption_leftovers_and_rebuild_repairs(tmp_path, data):
+    store = tmp_path / "s"
+    args = ["--config", "configs/fmnist.yaml", "--store", str(store), *sets(data)]
+    assert cli("run", "--stage", "classifier", *args).returncode == 0
+    (out,) = (store / "fmnist" / "classifier").iterdir()
+    model = out / "model.pt"
+    good = model.read_bytes()
+    blob = bytearray(good)
+    blob[len(blob) // 2] ^= 0xFF
+    model.write_bytes(bytes(blob))
+    (out / ".model.pt.tmp-999999999-deadbeef").write_bytes(b"half a file")  # a killed writer's temporary
+    (out / "notes.txt").write_text("mine")
+    empty = store / "fmnist" / "attacks" / "0123456789abcdef"
+    empty.mkdir(parents=True)
+
+    r = cli("verify", "--store", str(store))
+    assert r.returncode == 1
+    assert f"{model}: content altered" in r.stderr
+    assert "leftover temporary" in r.stderr and "notes.txt: not listed" in r.stderr
+    assert f"{empty}: empty key folder" in r.stderr
+
+    r = cli("verify", "--store", str(store), "--fix")
+    assert r.returncode == 1 and "2 removed" in r.stdout  # the corrupt model and notes.txt stay
+    assert not empty.exists() and not list(out.glob(".*.tmp-*")) and (out / "notes.txt").exists()
+
+    r = cli("run", "--stage", "classifier", "--rebuild", *args)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "--rebuild: removing" in r.stderr
+    assert cli("verify", "--store", str(store)).returncode == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {f["name"] for f in manifest["files"]} == {"metrics.json", "model.pt"}
