@@ -33,10 +33,12 @@ def main() -> None:
     import torch
 
     from pipeline import runner
-    from pipeline.balanced import BalancedBatches, steps_per_epoch
+    from pipeline.balanced import BalancedBatches, ShardLoader, steps_per_epoch
     from pipeline.config import load_config
-    from pipeline.purifier_train import build_optimizer, train_step
-    from stages.purifier import _build, _conditioning, _ShardLoader, conditioning_layers, model_spec
+    from pipeline.context import conditioning_layers
+    from pipeline.models.purifier import from_spec
+    from pipeline.purifier_train import build_optimizer, conditioning, train_step
+    from stages.purifier import model_spec
 
     torch.set_num_threads(args.threads)
     cfg = load_config(args.config)
@@ -49,7 +51,7 @@ def main() -> None:
             "cache_bytes": 0}
 
     def batches():
-        return BalancedBatches(_ShardLoader(spec), len(examples), batch_size=p.batch_size, adv_fraction=p.adv_fraction,
+        return BalancedBatches(ShardLoader(spec), len(examples), batch_size=p.batch_size, adv_fraction=p.adv_fraction,
                                workers=args.workers, rank=0, steps=steps, buffer_examples=2 * cfg.attack.shard_size,
                                seed=0).epoch(0)
 
@@ -59,7 +61,7 @@ def main() -> None:
     n = sum(len(b.targets) for b in held)
     # Warm: shards already in memory (the stage keeps them across epochs when they fit its budget).
     spec["cache_bytes"] = 8 * 1024 ** 3
-    loader = _ShardLoader(spec)
+    loader = ShardLoader(spec)
     for k in range(0, len(examples), args.workers):  # rank 0's shards
         loader(k)
     t0 = time.perf_counter()
@@ -68,14 +70,14 @@ def main() -> None:
                                 seed=0).epoch(0))
     warm_s = time.perf_counter() - t0
 
-    model = _build({"model": model_spec(ctx, layers)}).train()
+    model = from_spec(model_spec(ctx, layers)).train()
     opt = build_optimizer(model, p)
     for g in opt.param_groups:
         g["lr"] = p.plateau_lr
     t0 = time.perf_counter()
     for b in held:
         train_step(model, opt, torch.from_numpy(b.inputs), torch.from_numpy(b.targets),
-                   _conditioning(b, None, layers, cfg.activations.dtype, "cpu"), 1.0)
+                   conditioning(b, None, layers, cfg.activations.dtype, "cpu"), 1.0)
     train_s = time.perf_counter() - t0
     print(json.dumps({"bench": "purifier_input", "config": args.config, "workers": args.workers,
                       "torch_threads": args.threads, "per_worker_batch": p.batch_size // args.workers, "steps": steps,

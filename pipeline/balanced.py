@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
@@ -115,3 +116,43 @@ class BalancedBatches:
             acts = {name: np.stack([d.acts[name][n_kinds * e + k] for (d, e), k in zip(picks, self.kinds)])
                     for name in picks[0][0].acts}
         return Batch(inputs=inputs, targets=targets, kinds=self.kinds.copy(), acts=acts)
+
+
+class ShardLoader:
+    """Loads one attack shard (verified) and, in cache mode, its activation rows; keeps them if small."""
+
+    def __init__(self, spec: dict):
+        from .store import Output as Out
+
+        self.attacks = Out(Path(spec["attacks_dir"]), "attacks", "")
+        manifest = self.attacks.manifest()
+        self.records = {r["name"]: r for r in manifest["files"]}
+        self.units = manifest["units"]
+        self.reader = None
+        if spec["source"] == "cache":
+            from .zarr_store import ActivationReader
+
+            self.reader = ActivationReader(Out(Path(spec["activations_dir"]), "activations", ""), spec["layers"])
+        self.keep = {}
+        self.kept_bytes, self.budget = 0, spec["cache_bytes"]
+
+    def __call__(self, sid: int):
+        from .shards import read_shard_arrays
+        from .store import require_intact
+
+        if sid in self.keep:
+            return self.keep[sid]
+        u = self.units[sid]
+        name = f"{u['unit']}.tar"
+        require_intact(self.attacks, self.records[name])
+        images = read_shard_arrays(self.attacks.dir / name)["image"]
+        acts = None
+        if self.reader is not None:
+            rows = self.reader.read(5 * u["start"], 5 * u["stop"])
+            acts = {n: rows[n] for n in self.reader.layers}
+        data = ShardData(images=images, acts=acts)
+        size = images.nbytes + sum(a.nbytes for a in (acts or {}).values())
+        if self.kept_bytes + size <= self.budget:
+            self.keep[sid] = data
+            self.kept_bytes += size
+        return data

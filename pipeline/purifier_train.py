@@ -1,4 +1,6 @@
-"""Training the purifier, one step at a time (plain PyTorch: no Ray, no files; section 4.4, Table 14).
+"""Training the purifier, one step and one epoch at a time (plain PyTorch: no Ray, no files; section 4.4,
+Table 14). The purifier stage (stages/purifier.py) adds only the Ray Train glue: DDP, the all-reduce of the
+epoch's sums, checkpoints in the store and the report.
 
 - The encoder reads the classifier's *input* (clean or adversarially perturbed), the conditioning is the
   classifier's activations of that same input, and the loss targets the *clean* image (section 4.4: "we use
@@ -11,7 +13,9 @@
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.nn as nn
@@ -19,6 +23,7 @@ from pytorch_optimizer import Lookahead
 
 from .models.purifier import vae_loss
 from .precision import autocast
+from .schedules import beta_at, lr_at
 
 ACTIVE_KL = 0.01  # nats: a latent dimension whose average KL exceeds this carries information
 
@@ -68,3 +73,55 @@ def slow_state_dict(model: nn.Module, opt: Lookahead) -> dict[str, torch.Tensor]
             raise ValueError(f"Lookahead holds no slow weights for parameter {name}")
         state[name] = slow.detach().clone()
     return state
+
+
+def conditioning(batch, classifier, layers, dtype, device, precision="float32"):
+    """Activations for the batch: the cached rows, or the frozen classifier's on the stored inputs, cast to
+    the cache dtype (the same function either way)."""
+    if batch.acts is not None:
+        return [torch.from_numpy(batch.acts[n]).to(device) for n in layers]
+    from .models.hooks import forward_with_activations
+
+    with torch.no_grad(), autocast(precision, device):
+        _, acts = forward_with_activations(classifier, torch.from_numpy(batch.inputs).to(device), layers)
+    return [a.to(getattr(torch, dtype)) for a in acts]
+
+
+def train_epoch(model: nn.Module, opt: torch.optim.Optimizer, batches: Iterator, epoch: int, p, device, *,
+                layers: list[str], dtype: str, classifier: nn.Module | None = None,
+                act_precision: str = "float32") -> dict[str, torch.Tensor]:
+    """One epoch over ``batches`` (pipeline.balanced.Batch) at the epoch's LR and KL weight (``PurifierConfig``
+    ``p``'s schedules). Returns this worker's float64 sums, to be all-reduced across workers before
+    ``epoch_record``: ``totals`` = (loss x n, reconstruction x n, KL x n, n, seconds waited on data) and
+    ``kl_dims`` = the KL of every latent dimension, summed over the examples."""
+    beta = beta_at(epoch, p)
+    for g in opt.param_groups:
+        g["lr"] = lr_at(epoch, p)
+    model.train()
+    totals = torch.zeros(5, dtype=torch.float64)
+    kl_dims = torch.zeros(p.f_joint, dtype=torch.float64)
+    while True:
+        tw = time.perf_counter()
+        batch = next(batches, None)
+        totals[4] += time.perf_counter() - tw
+        if batch is None:
+            break
+        acts = conditioning(batch, classifier, layers, dtype, device, act_precision)
+        st = train_step(model, opt, torch.from_numpy(batch.inputs).to(device),
+                        torch.from_numpy(batch.targets).to(device), acts, beta, p.precision)
+        totals[:4] += torch.tensor([st.loss * st.n, st.reconstruction * st.n, st.kl * st.n, st.n],
+                                   dtype=torch.float64)
+        kl_dims += st.kl_dims
+    return {"totals": totals, "kl_dims": kl_dims}
+
+
+def epoch_record(sums: dict[str, torch.Tensor], epoch: int, p, seconds: float, workers: int) -> dict:
+    """The metrics line of an epoch (metrics.jsonl) from the all-reduced sums of ``train_epoch``."""
+    t, kl_dims = sums["totals"], sums["kl_dims"]
+    n = max(t[3].item(), 1.0)
+    rec = {"epoch": epoch + 1, "loss": t[0].item() / n, "reconstruction": t[1].item() / n, "kl": t[2].item() / n,
+           "beta": beta_at(epoch, p), "lr": lr_at(epoch, p), "examples": int(t[3].item()),
+           "examples_per_s": t[3].item() / seconds, "seconds": seconds, "workers": workers,
+           "data_wait_s": t[4].item() / workers, "kl_per_dim": [round(v, 5) for v in (kl_dims / n).tolist()]}
+    rec["active_units"] = active_units(rec["kl_per_dim"])
+    return rec

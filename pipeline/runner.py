@@ -1,86 +1,52 @@
-"""The stage graph: keys, dependencies, cache hits, dispatch. The CLI calls only into this module."""
+"""The stage graph: dependencies, cache hits, locks, dispatch, verify. The CLI calls only into this module, and
+this is the one module of ``pipeline/`` that imports the stages (their registry, ``stages.GRAPH``); the stages
+import ``pipeline.context``, never this module."""
 from __future__ import annotations
 
-import importlib
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from types import ModuleType
+from typing import Mapping
+
+import stages
 
 from . import preflight
-from .config import RunConfig, fingerprint
-from .errors import UserError
-from .log import echo, human_seconds
+from .context import Context as _Context
+from .context import UpstreamMissing
+from .log import human_seconds
 from .store import (Output, Store, StoreError, empty_key_folders, has_files, output_lock, stale_temporaries,
                     verify_output)
 
-# Stage name -> module (each exposes ``key(ctx)`` and ``run(ctx, out)``), in pipeline order.
-STAGES = {
-    "classifier": "stages.classifier",
-    "attacks": "stages.attacks",
-    "activations": "stages.activations",
-    "purifier": "stages.purifier",
-    "evaluate": "stages.evaluate",
-}
-
-
-class UpstreamMissing(UserError):
-    """A stage's key depends on an upstream output that does not exist yet."""
+# The stage graph, in pipeline order: name -> module (stages/__init__.py).
+STAGES = stages.GRAPH
 
 
 @dataclass
-class Context:
-    cfg: RunConfig
-    store: Store
-    ray_address: str | None = None
-    # Model workers per stage (runtime only, never part of a key); None = one per GPU, or 1 on CPU.
-    workers: int | None = None
-    log: Callable[[str], None] = echo
-    # Ray's own output on the console too (otherwise it goes to Ray's log files, copied into <store>/logs/).
-    verbose: bool = False
-    _ray_ready: bool = field(default=False, repr=False)
+class Context(_Context):
+    """The run's context with this project's stage graph (``stages.GRAPH``)."""
 
-    def ray(self) -> None:
-        """Connect to Ray on first use (cache hits never start Ray)."""
-        if not self._ray_ready:
-            from .cluster import connect
-
-            connect(self.ray_address, log=self.log, verbose=self.verbose)
-            self._ray_ready = True
-
-    def output(self, stage: str, create: bool = False) -> Output:
-        out = self.store.output(self.cfg.data.dataset, stage, stage_key(self, stage), create=create)
-        out.code_version = stage_module(stage).VERSION
-        return out
-
-    def output_or_none(self, stage: str, complete: bool = False) -> Output | None:
-        """The output of ``stage``, or None when its key cannot be known yet (an upstream output is missing) or,
-        with ``complete``, when it is not finished."""
-        try:
-            out = self.output(stage)
-        except UpstreamMissing:
-            return None
-        return out if (out.is_complete() or not complete) else None
-
-    def upstream(self, stage: str) -> Output:
-        """The complete output of an upstream stage, or UpstreamMissing."""
-        out = self.output(stage)
-        if not out.is_complete():
-            raise UpstreamMissing(f"{stage} output {out.dir} is not complete; run `--stage {stage}` first")
-        return out
+    graph: Mapping[str, ModuleType] = field(default_factory=lambda: STAGES, repr=False)
 
 
-def stage_module(stage: str):
-    return importlib.import_module(STAGES[stage])
+def stage_module(stage: str) -> ModuleType:
+    return STAGES[stage]
 
 
 def stage_key(ctx: Context, stage: str) -> str:
-    """The store key of a stage: its module's ``key(ctx)`` (everything in the config and upstream that
-    determines the output) combined with the module's code ``VERSION``, which is bumped whenever a code change
-    alters what the stage writes, so an output written by older code is never served as a cache hit."""
-    mod = stage_module(stage)
-    return fingerprint({"stage": stage, "code_version": mod.VERSION, "inputs": mod.key(ctx)})
+    return ctx.key(stage)
+
+
+def needed(ctx: Context, stage: str) -> list[str]:
+    """``stage`` and every stage it needs (its declared UPSTREAM, transitively), in pipeline order."""
+    want, todo = {stage}, [stage]
+    while todo:
+        for dep in stages.upstream(todo.pop(), ctx.cfg):
+            if dep not in want:
+                want.add(dep)
+                todo.append(dep)
+    return [s for s in STAGES if s in want]
 
 
 def run_stage(ctx: Context, stage: str, rebuild: bool = False) -> Output:
@@ -106,6 +72,7 @@ def run_stage(ctx: Context, stage: str, rebuild: bool = False) -> Output:
         t0 = time.perf_counter()
         try:
             mod.run(ctx, out)
+            ctx.forget_keys()  # downstream keys read this output's manifest
         except BaseException:
             if not has_files(out.dir):
                 shutil.rmtree(out.dir, ignore_errors=True)
@@ -120,21 +87,23 @@ def run(ctx: Context, stage: str, only: bool = False, rebuild: bool = False) -> 
     """Run a stage after every upstream stage it needs (finished ones are cache hits, like make), or all of them
     (``stage='all'``). ``only``: run just that stage, and fail with UpstreamMissing when an upstream output is
     not complete (for cluster jobs that must not start upstream work). ``rebuild``: delete and recompute the
-    requested stage's output (every stage's for 'all'), e.g. after ``pipeline verify`` found it corrupt. With ``purifier.activations_source:
-    recompute`` nothing reads the cached activations, so that stage is skipped as an upstream one (for
-    WRN-28-10 it would write terabytes). Returns the outputs of every stage for 'all', else ``[output]``."""
-    names = list(STAGES)
-    targets = names if stage == "all" else [stage] if only else names[:names.index(stage) + 1]
+    requested stage's output (every stage's for 'all'), e.g. after ``pipeline verify`` found it corrupt. What a
+    stage needs comes from the stages' declared UPSTREAM (with ``purifier.activations_source: recompute`` the
+    purifier does not need the activations stage, which for WRN-28-10 would write terabytes). Returns the
+    outputs of every stage for 'all', else ``[output]``."""
+    targets = needed(ctx, "evaluate") if stage == "all" else [stage] if only else needed(ctx, stage)
     upstream = [s for s in targets[:-1] if not ctx.output_or_none(s, complete=True)]
     preflight.check(ctx, [s for s in targets if s == stage or s in upstream or stage == "all"])
+    if stage == "all":
+        for s in STAGES:
+            if s not in targets:
+                ctx.log(f"[{s}] skipped: no stage needs it (purifier.activations_source is "
+                        f"'{ctx.cfg.purifier.activations_source}')")
     if stage != "all" and not only and upstream:
         ctx.log(f"[pipeline] --stage {stage} needs {', '.join(upstream)} first: running them (--only skips this)")
     outs, ran = [], False
     try:
         for s in targets:
-            if s == "activations" and s != stage and ctx.cfg.purifier.activations_source == "recompute":
-                ctx.log("[activations] skipped: purifier.activations_source is 'recompute'")
-                continue
             ran = ran or ctx.output_or_none(s, complete=True) is None
             outs.append(run_stage(ctx, s, rebuild=rebuild and (stage == "all" or s == stage)))
     finally:
@@ -207,12 +176,6 @@ def verify(store: Store, ctx: Context | None = None, fix: bool = False) -> Verif
             problems.append(f"{d}: empty key folder (a failed run's; `pipeline verify --fix` removes it)")
     summary = f"{len(outputs)} output(s) checked, {len(problems)} problem(s)" + (f", {fixed} removed" if fix else "")
     return VerifyReport(lines, problems, summary)
-
-
-def data_identity(cfg: RunConfig, split: str) -> dict:
-    """What identifies the data a stage reads (the recorded data sha256 lives in each manifest)."""
-    subset = cfg.data.train_subset if split == "train" else cfg.data.test_subset
-    return {"dataset": cfg.data.dataset, "split": split, "subset": subset}
 
 
 def store_root(path: str | Path) -> Store:

@@ -1,0 +1,18 @@
+"""The stage registry: every stage module, in pipeline order. Each declares
+
+- ``VERSION``: its code version, part of its store key (bump it whenever a change alters what it writes);
+- ``UPSTREAM``: the stages whose outputs it reads (``upstream(cfg)`` where that depends on the config);
+- ``key(ctx)``: everything in the config and upstream that determines its output;
+- ``run(ctx, out)``: the work, into ``out``.
+
+``pipeline.runner`` imports this registry; the stages import ``pipeline.context``, never the runner.
+"""
+from . import activations, attacks, classifier, evaluate, purifier
+
+GRAPH = {"classifier": classifier, "attacks": attacks, "activations": activations, "purifier": purifier,
+         "evaluate": evaluate}
+
+
+def upstream(stage: str, cfg) -> tuple[str, ...]:
+    mod = GRAPH[stage]
+    return tuple(mod.upstream(cfg)) if hasattr(mod, "upstream") else tuple(mod.UPSTREAM)

@@ -13,7 +13,7 @@ import warnings
 from pipeline.cluster import device_for, worker_resources
 from pipeline.errors import UserError, find_user_error, one_line
 from pipeline.log import Progress, human_bytes
-from pipeline.runner import Context
+from pipeline.context import Context
 from pipeline.store import Output
 
 
@@ -110,19 +110,3 @@ def unbox(box):
     return ray.get(box[0])
 
 
-def model_payload(out: Output, cfg) -> dict:
-    """What an actor needs to rebuild the classifier on any node: arch, activation and the weights."""
-    from stages.classifier import load
-
-    model, weights = load(out, cfg)
-    manifest = out.manifest()
-    return {"arch": manifest["arch"], "activation": manifest["activation"], "dataset": cfg.data.dataset,
-            "state_dict": {k: v.clone() for k, v in model.state_dict().items()}, "weights_sha256": weights}
-
-
-def build_model(payload: dict, device: str):
-    from pipeline.models import build_classifier, load_weights
-
-    model = build_classifier(payload["arch"], payload["dataset"], payload["activation"])
-    load_weights(model, payload["state_dict"], "classifier payload")
-    return model.eval().to(device)

@@ -14,7 +14,8 @@ import numpy as np
 
 from pipeline.attacks import KINDS
 from pipeline.config import fingerprint, key_fields, to_dict
-from pipeline.runner import Context
+from pipeline.context import Context, cached_layers, classifier_identity
+from pipeline.models import classifier_payload, from_payload
 from pipeline.store import Output, atomic_write_json
 
 from . import _pool
@@ -22,27 +23,17 @@ from . import _pool
 LAYOUT_UNIT = "_layout"
 
 
-def resolve_layers(ctx: Context) -> list[str]:
-    from pipeline.models import build_classifier
-    from pipeline.models.hooks import check_layers
-
-    up = ctx.upstream("classifier").manifest()
-    model = build_classifier(up["arch"], ctx.cfg.data.dataset, up["activation"])
-    layers = ctx.cfg.activations.layers or model.default_layers()
-    check_layers(model, layers)
-    return list(layers)
-
-
-# Code version of this stage, part of its store key (pipeline.runner.stage_key): bump it whenever a change
+# Code version of this stage, part of its store key (pipeline.context.Context.key): bump it whenever a change
 # alters what the stage writes.
 VERSION = 1
+UPSTREAM = ("classifier", "attacks")
 
 
 def key(ctx: Context) -> str:
     attacks = ctx.upstream("attacks")
     return fingerprint({"stage": "activations", "attacks": attacks.key,
-                        "weights_sha256": attacks.manifest()["inputs"]["classifier"]["weights_sha256"],
-                        "layers": resolve_layers(ctx),  # resolved: null and the explicit default list share a key
+                        "weights_sha256": classifier_identity(ctx)["weights_sha256"],
+                        "layers": cached_layers(ctx),  # resolved: null and the explicit default list share a key
                         "activations": key_fields(ctx.cfg.activations, exclude=("layers",))})
 
 
@@ -55,7 +46,7 @@ class ActivationWorker(_pool.UnitWorker):
 
         torch.set_num_threads(threads)
         self.device = device
-        self.model = _pool.build_model(_pool.unbox(model_box), device)
+        self.model = from_payload(_pool.unbox(model_box), device)
         self.out = Output(Path(out_dir), "activations", "")
         self.attacks = Output(Path(attacks_dir), "attacks", "")
         self.records = {r["name"]: r for r in self.attacks.manifest()["files"]}  # read once per actor
@@ -125,7 +116,7 @@ def run(ctx: Context, out: Output) -> None:
     t0 = time.perf_counter()
     attacks = ctx.upstream("attacks")
     am = attacks.manifest()
-    layers = resolve_layers(ctx)
+    layers = cached_layers(ctx)
     records = {r["name"]: r for r in am["files"]}
     units = [{"unit": u["unit"], "file": f"{u['unit']}.tar", "start_row": 5 * u["start"],
               "rows": 5 * (u["stop"] - u["start"]), "items": 5 * (u["stop"] - u["start"])} for u in am["units"]]
@@ -145,7 +136,7 @@ def run(ctx: Context, out: Output) -> None:
     summary = _pool.run_units(
         ctx, out, stage="activations", worker_cls=ActivationWorker, units=todo, total_items=n_rows,
         done_items=sum(u["rows"] for u in units if u["unit"] in done), unit_name="rows",
-        worker_kwargs={"model_box": _pool.ref_box(_pool.model_payload(ctx.upstream("classifier"), cfg)),
+        worker_kwargs={"model_box": _pool.ref_box(classifier_payload(ctx.upstream("classifier"), cfg.data.dataset)),
                        "out_dir": str(out.dir), "attacks_dir": str(attacks.dir), "layers": layers,
                        "params": {"dtype": a.dtype, "batch_size": a.batch_size, "chunk_rows": a.chunk_rows,
                                   "precision": a.precision}})

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from pipeline.attacks import KINDS
 from pipeline.config import fingerprint, key_fields, to_dict
-from pipeline.runner import Context, data_identity
+from pipeline.context import Context, classifier_identity, data_identity
+from pipeline.models import classifier_payload, from_payload
 from pipeline.store import Output, array_sha256
 
 from . import _pool
@@ -41,19 +42,15 @@ def _split_size(cfg) -> int:
     return len(load_split(cfg.data.dataset, "train", cfg.data.data_dir, cfg.data.train_subset)[1])
 
 
-def _classifier_identity(ctx: Context) -> dict:
-    up = ctx.upstream("classifier").manifest()
-    return {"arch": up["arch"], "activation": up["activation"], "weights_sha256": up["weights_sha256"]}
-
-
-# Code version of this stage, part of its store key (pipeline.runner.stage_key): bump it whenever a change
+# Code version of this stage, part of its store key (pipeline.context.Context.key): bump it whenever a change
 # alters what the stage writes.
 VERSION = 1
+UPSTREAM = ("classifier",)
 
 
 def key(ctx: Context) -> str:
     return fingerprint({"stage": "attacks", "data": data_identity(ctx.cfg, "train"),
-                        "classifier": _classifier_identity(ctx), "attack": key_fields(ctx.cfg.attack)})
+                        "classifier": classifier_identity(ctx), "attack": key_fields(ctx.cfg.attack)})
 
 
 def shard_name(k: int) -> str:
@@ -68,7 +65,7 @@ class AttackWorker(_pool.UnitWorker):
 
         torch.set_num_threads(threads)
         self.device = device
-        self.model = _pool.build_model(_pool.unbox(model_box), device)
+        self.model = from_payload(_pool.unbox(model_box), device)
         self.x, self.y = _pool.unbox(data_box)
         self.out = Output(Path(out_dir), "attacks", "")
         self.p = params
@@ -124,7 +121,7 @@ def run(ctx: Context, out: Output) -> None:
     summary = _pool.run_units(
         ctx, out, stage="attacks", worker_cls=AttackWorker, units=todo, total_items=n,
         done_items=sum(u["stop"] - u["start"] for u in all_units if u["unit"] in done),
-        worker_kwargs={"model_box": _pool.ref_box(_pool.model_payload(ctx.upstream("classifier"), cfg)),
+        worker_kwargs={"model_box": _pool.ref_box(classifier_payload(ctx.upstream("classifier"), cfg.data.dataset)),
                        "data_box": _pool.ref_box((x, y)), "out_dir": str(out.dir), "params": params})
     receipts = {r["unit"]: r for r in out.receipts()}
     missing = [u["unit"] for u in all_units if u["unit"] not in receipts]
@@ -133,7 +130,7 @@ def run(ctx: Context, out: Output) -> None:
     files = [f for u in all_units for f in receipts[u["unit"]]["files"]]
     out.finalize(config={"data": to_dict(cfg.data), "attack": to_dict(cfg.attack)},
                  inputs={"train": data_identity(cfg, "train"), "train_data_sha256": array_sha256(x, y),
-                         "classifier": _classifier_identity(ctx)},
+                         "classifier": classifier_identity(ctx)},
                  files=files,
                  counts={"examples": n, "samples": 5 * n, "shards": len(all_units), "shard_size": S},
                  timings={"total_s": time.perf_counter() - t0, "this_run": summary},

@@ -13,13 +13,14 @@ from pathlib import Path
 
 from pipeline.config import fingerprint
 from pipeline.log import Follow
-from pipeline.runner import Context, data_identity
+from pipeline.context import Context, data_identity
 from pipeline.store import Output, array_sha256, atomic_write_json, file_record, sha256_file
 
 
-# Code version of this stage, part of its store key (pipeline.runner.stage_key): bump it whenever a change
+# Code version of this stage, part of its store key (pipeline.context.Context.key): bump it whenever a change
 # alters what the stage writes.
 VERSION = 1
+UPSTREAM: tuple[str, ...] = ()
 
 
 def key(ctx: Context) -> str:
@@ -125,17 +126,3 @@ def run(ctx: Context, out: Output) -> None:
                  timings={"total_s": time.perf_counter() - t0},
                  extra={"weights_sha256": weights, "arch": cfg.classifier.arch,
                         "activation": cfg.classifier.activation})
-
-
-def load(out: Output, cfg):
-    """The stored classifier, in eval mode, plus its weights hash."""
-    from pipeline.models import build_classifier, load_state_dict_file, load_weights
-
-    from pipeline.store import require_intact
-
-    manifest = out.manifest()
-    rec = next(r for r in manifest["files"] if r["name"] == "model.pt")
-    require_intact(out, rec)
-    model = build_classifier(manifest["arch"], cfg.data.dataset, manifest["activation"])
-    load_weights(model, load_state_dict_file(out.dir / "model.pt"), str(out.dir / "model.pt"))
-    return model.eval(), manifest["weights_sha256"]

@@ -13,25 +13,27 @@ from pathlib import Path
 
 from pipeline import report
 from pipeline.config import fingerprint, key_fields, to_dict
-from pipeline.runner import Context, data_identity
+from pipeline.context import Context, classifier_identity, data_identity
+from pipeline.models import classifier_payload
 from pipeline.store import (Output, StoreError, atomic_file, atomic_write_json, file_record, read_sealed_json,
                             write_sealed_json)
 
 GRID_EXAMPLES = 8
 
 
-# Code version of this stage, part of its store key (pipeline.runner.stage_key): bump it whenever a change
+# Code version of this stage, part of its store key (pipeline.context.Context.key): bump it whenever a change
 # alters what the stage writes.
 # 2: diagnostics (purification, stochasticity, training) in chunks, results.json and report.md; randAA's clean
 #    pass seeded; samples.png; all N reconstructions in examples.npz.
 VERSION = 2
+UPSTREAM = ("classifier", "attacks", "purifier")
 
 
 def key(ctx: Context) -> str:
     pur = ctx.upstream("purifier")
     ev = key_fields(ctx.cfg.eval)
     return fingerprint({"stage": "evaluate", "purifier": pur.key, "test": data_identity(ctx.cfg, "test"),
-                        "weights_sha256": ctx.upstream("attacks").manifest()["inputs"]["classifier"]["weights_sha256"],
+                        "weights_sha256": classifier_identity(ctx)["weights_sha256"],
                         "eval": ev})
 
 
@@ -43,11 +45,11 @@ def _models(payloads: dict, ev, device: str):
     import torch
 
     from pipeline.defense import Carso
-    from stages._pool import build_model
-    from stages.purifier import _build
+    from pipeline.models import from_payload
+    from pipeline.models.purifier import from_spec
 
-    classifier = build_model(payloads["classifier"], device)
-    purifier = _build({"model": payloads["purifier_spec"]})
+    classifier = from_payload(payloads["classifier"], device)
+    purifier = from_spec(payloads["purifier_spec"])
     purifier.load_state_dict(payloads["purifier_state"])
     purifier = purifier.to(device).eval()
     carso = Carso(classifier, purifier, payloads["purifier_spec"]["layers"], samples=ev.samples,
@@ -74,7 +76,7 @@ def baseline_path(ctx: Context, lo: int, hi: int, seed: int) -> Path:
     everything they depend on (classifier weights, the points, eps, seed, backend, batch size), so every purifier,
     aggregation and attack setting of a sweep reuses them."""
     ev = ctx.cfg.eval
-    k = fingerprint({"classifier": ctx.upstream("attacks").manifest()["inputs"]["classifier"]["weights_sha256"],
+    k = fingerprint({"classifier": classifier_identity(ctx)["weights_sha256"],
                      "test": data_identity(ctx.cfg, "test"), "points": [lo, hi], "eps": ev.eps, "seed": seed,
                      "backend": ev.backend, "batch_size": ev.batch_size, "evaluate_version": VERSION})
     return ctx.store.root / ctx.cfg.data.dataset / "baseline" / f"{k}.json"
@@ -155,7 +157,7 @@ def run(ctx: Context, out: Output) -> None:
     # Default: every GPU, or every CPU core (one single-threaded chunk per core): chunks are independent.
     workers = max(1, min(ctx.workers or default_workers(), max(1, len(todo))))
     res = worker_resources(workers)
-    payloads = {"classifier": _pool.model_payload(ctx.upstream("classifier"), cfg), "purifier_spec": pur.manifest()["model"],
+    payloads = {"classifier": classifier_payload(ctx.upstream("classifier"), cfg.data.dataset), "purifier_spec": pur.manifest()["model"],
                 "purifier_state": _purifier_state(pur)}
     ctx.log(f"[evaluate] {n} test points in {len(chunks)} chunk(s) on {workers} worker(s) ({device_for(res)}), "
             f"eps {ev.eps:g}; randAA {ev.aa_steps} steps x EOT {ev.aa_eot}; PGD+EOT {ev.pgd_eot_steps} x "

@@ -15,24 +15,13 @@ import time
 from pathlib import Path
 
 from pipeline.config import fingerprint, key_fields, to_dict
+from pipeline.context import Context, classifier_identity, conditioning_layers
 from pipeline.log import Follow
-from pipeline.runner import Context
+from pipeline.models import classifier_payload
+from pipeline.models.purifier import from_spec
 from pipeline.store import Output, atomic_write_json, file_record
 
 CKPT_DIR = "checkpoints"
-
-
-def conditioning_layers(ctx: Context) -> list[str]:
-    from stages.activations import resolve_layers
-
-    cached = resolve_layers(ctx)
-    wanted = ctx.cfg.purifier.layers or cached
-    missing = [name for name in wanted if name not in cached]
-    if missing:
-        from pipeline.store import StoreError
-
-        raise StoreError(f"purifier.layers: {', '.join(missing)} not among the cached layers ({', '.join(cached)})")
-    return list(wanted)
 
 
 def _source_key(ctx: Context) -> dict:
@@ -42,11 +31,18 @@ def _source_key(ctx: Context) -> dict:
     return {"attacks": attacks.key, "activations_dtype": ctx.cfg.activations.dtype}
 
 
-# Code version of this stage, part of its store key (pipeline.runner.stage_key): bump it whenever a change
+# Code version of this stage, part of its store key (pipeline.context.Context.key): bump it whenever a change
 # alters what the stage writes.
 # 2: the encoder reads the (possibly perturbed) input, not the clean target; purifier.pt holds Lookahead's
 #    slow weights; metrics carry the per-dimension KL.
 VERSION = 2
+UPSTREAM = ("classifier", "attacks", "activations")
+
+
+def upstream(cfg) -> tuple[str, ...]:
+    """With ``activations_source: recompute`` nothing reads the cached activations (for WRN-28-10 they would be
+    terabytes), so that stage is not needed."""
+    return UPSTREAM if cfg.purifier.activations_source == "cache" else ("classifier", "attacks")
 
 
 def key(ctx: Context) -> str:
@@ -54,7 +50,7 @@ def key(ctx: Context) -> str:
     p = key_fields(ctx.cfg.purifier, exclude=("workers", "layers"))
     attacks = ctx.upstream("attacks")
     return fingerprint({"stage": "purifier", "attacks": attacks.key, **_source_key(ctx),
-                        "weights_sha256": attacks.manifest()["inputs"]["classifier"]["weights_sha256"],
+                        "weights_sha256": classifier_identity(ctx)["weights_sha256"],
                         "layers": conditioning_layers(ctx), "purifier": p})
 
 
@@ -66,72 +62,6 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 # --------------------------------------------------------------------------------------------------
 # The per-worker training loop (runs inside Ray Train workers)
 # --------------------------------------------------------------------------------------------------
-class _ShardLoader:
-    """Loads one attack shard (verified) and, in cache mode, its activation rows; keeps them if small."""
-
-    def __init__(self, spec: dict):
-        from pipeline.store import Output as Out
-
-        self.attacks = Out(Path(spec["attacks_dir"]), "attacks", "")
-        manifest = self.attacks.manifest()
-        self.records = {r["name"]: r for r in manifest["files"]}
-        self.units = manifest["units"]
-        self.reader = None
-        if spec["source"] == "cache":
-            from pipeline.zarr_store import ActivationReader
-
-            self.reader = ActivationReader(Out(Path(spec["activations_dir"]), "activations", ""), spec["layers"])
-        self.keep = {}
-        self.kept_bytes, self.budget = 0, spec["cache_bytes"]
-
-    def __call__(self, sid: int):
-        from pipeline.balanced import ShardData
-        from pipeline.shards import read_shard_arrays
-        from pipeline.store import require_intact
-
-        if sid in self.keep:
-            return self.keep[sid]
-        u = self.units[sid]
-        name = f"{u['unit']}.tar"
-        require_intact(self.attacks, self.records[name])
-        images = read_shard_arrays(self.attacks.dir / name)["image"]
-        acts = None
-        if self.reader is not None:
-            rows = self.reader.read(5 * u["start"], 5 * u["stop"])
-            acts = {n: rows[n] for n in self.reader.layers}
-        data = ShardData(images=images, acts=acts)
-        size = images.nbytes + sum(a.nbytes for a in (acts or {}).values())
-        if self.kept_bytes + size <= self.budget:
-            self.keep[sid] = data
-            self.kept_bytes += size
-        return data
-
-
-def _build(spec: dict):
-    from pipeline.models.purifier import Purifier
-
-    m = spec["model"]
-    return Purifier(image_shape=tuple(m["image_shape"]), layer_shapes={k: tuple(v) for k, v in m["layer_shapes"].items()},
-                    fc_repr=m["fc_repr"], f_joint=m["f_joint"], encoder_convs=m["encoder_convs"], mean=tuple(m["mean"]),
-                    std=tuple(m["std"]))
-
-
-def _conditioning(batch, classifier, layers, dtype, device, precision="float32"):
-    """Activations for the batch: the cached rows, or the frozen classifier's on the stored inputs, cast to
-    the cache dtype (the same function either way)."""
-    import torch
-
-    if batch.acts is not None:
-        return [torch.from_numpy(batch.acts[n]).to(device) for n in layers]
-    from pipeline.models.hooks import forward_with_activations
-
-    from pipeline.precision import autocast
-
-    with torch.no_grad(), autocast(precision, device):
-        _, acts = forward_with_activations(classifier, torch.from_numpy(batch.inputs).to(device), layers)
-    return [a.to(getattr(torch, dtype)) for a in acts]
-
-
 WORKER_ERROR = ".worker-error.json"
 
 
@@ -172,10 +102,9 @@ def _train(spec: dict) -> None:
     import torch
     import torch.distributed as dist
 
-    from pipeline.balanced import BalancedBatches
+    from pipeline.balanced import BalancedBatches, ShardLoader
     from pipeline.config import PurifierConfig, build
-    from pipeline.purifier_train import active_units, build_optimizer, slow_state_dict, train_step
-    from pipeline.schedules import beta_at, lr_at
+    from pipeline.purifier_train import build_optimizer, epoch_record, slow_state_dict, train_epoch
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -183,7 +112,7 @@ def _train(spec: dict) -> None:
     torch.manual_seed(spec["purifier"]["seed"] + rank)
     device = ray.train.torch.get_device()
     p = build(PurifierConfig, spec["purifier"])
-    model = ray.train.torch.prepare_model(_build(spec).to(device))
+    model = ray.train.torch.prepare_model(from_spec(spec["model"]).to(device))
     opt = build_optimizer(model, p)
     start, history = 0, []
     # Resume from the newest checkpoint in the store, the one the driver named (rank 0 writes it before reporting
@@ -198,45 +127,20 @@ def _train(spec: dict) -> None:
         restore_rng(state.get("rng"), rank, world)
     classifier = None
     if spec["source"] == "recompute":
-        from stages._pool import build_model
+        from pipeline.models import from_payload
 
-        classifier = build_model(spec["classifier"], str(device))
-    batches = BalancedBatches(_ShardLoader(spec), len(spec["examples_per_shard"]), batch_size=p.batch_size,
+        classifier = from_payload(spec["classifier"], str(device))
+    batches = BalancedBatches(ShardLoader(spec), len(spec["examples_per_shard"]), batch_size=p.batch_size,
                               adv_fraction=p.adv_fraction, workers=world, rank=rank, steps=spec["steps"],
                               buffer_examples=spec["buffer_examples"], seed=p.seed)
     for epoch in range(start, p.epochs):
-        lr, beta = lr_at(epoch, p), beta_at(epoch, p)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        model.train()
         t0 = time.perf_counter()
-        sums = torch.zeros(5, dtype=torch.float64)
-        kl_dims = torch.zeros(p.f_joint, dtype=torch.float64)
-        stream, wait = batches.epoch(epoch), 0.0
-        while True:
-            tw = time.perf_counter()
-            batch = next(stream, None)
-            wait += time.perf_counter() - tw
-            if batch is None:
-                break
-            acts = _conditioning(batch, classifier, spec["layers"], spec["dtype"], device, spec["act_precision"])
-            st = train_step(model, opt, torch.from_numpy(batch.inputs).to(device),
-                            torch.from_numpy(batch.targets).to(device), acts, beta, p.precision)
-            sums += torch.tensor([st.loss * st.n, st.reconstruction * st.n, st.kl * st.n, st.n, 0.0],
-                                 dtype=torch.float64)
-            kl_dims += st.kl_dims
-        sums[4] = wait
+        sums = train_epoch(model, opt, batches.epoch(epoch), epoch, p, device, layers=spec["layers"],
+                           dtype=spec["dtype"], classifier=classifier, act_precision=spec["act_precision"])
         if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(sums)
-            dist.all_reduce(kl_dims)
-        seconds = time.perf_counter() - t0
-        n = max(sums[3].item(), 1.0)
-        rec = {"epoch": epoch + 1, "loss": sums[0].item() / n, "reconstruction": sums[1].item() / n,
-               "kl": sums[2].item() / n, "beta": beta, "lr": lr, "examples": int(sums[3].item()),
-               "examples_per_s": sums[3].item() / seconds, "seconds": seconds, "workers": world,
-               "data_wait_s": sums[4].item() / world, "kl_per_dim": [round(v, 5) for v in (kl_dims / n).tolist()]}
-        rec["active_units"] = active_units(rec["kl_per_dim"])
-        history.append(rec)
+            for t in sums.values():
+                dist.all_reduce(t)
+        history.append(epoch_record(sums, epoch, p, time.perf_counter() - t0, world))
         rng = gather_rng(world)
         if rank == 0:  # the checkpoint lives in the store only: every restart resumes from there (above)
             state = {"model": (model.module if hasattr(model, "module") else model).state_dict(),
@@ -244,8 +148,8 @@ def _train(spec: dict) -> None:
                      "history": history, "rng": rng}
             buf = io.BytesIO()
             torch.save(state, buf)
-            _store_checkpoint(Path(spec["out_dir"]), epoch, buf.getvalue(), rec)
-        ray.train.report({k: v for k, v in rec.items() if k != "kl_per_dim"})
+            _store_checkpoint(Path(spec["out_dir"]), epoch, buf.getvalue(), history[-1])
+        ray.train.report({k: v for k, v in history[-1].items() if k != "kl_per_dim"})
 
 
 def gather_rng(world: int) -> list[dict]:
@@ -312,7 +216,6 @@ def run(ctx: Context, out: Output) -> None:
 
     from pipeline.balanced import steps_per_epoch, worker_kinds
     from pipeline.cluster import cluster_gpus, cpus_per_node
-    from stages import _pool
 
     cfg, p = ctx.cfg, ctx.cfg.purifier
     t0 = time.perf_counter()
@@ -340,7 +243,7 @@ def run(ctx: Context, out: Output) -> None:
     if p.activations_source == "cache":
         spec["activations_dir"] = str(ctx.upstream("activations").dir.resolve())
     else:
-        spec["classifier"] = _pool.model_payload(ctx.upstream("classifier"), cfg)
+        spec["classifier"] = classifier_payload(ctx.upstream("classifier"), cfg.data.dataset)
     latest = latest_checkpoint(out.dir)
     if latest is not None:  # the workers resume from this same file (train_loop)
         ctx.log(f"[purifier] resuming from {latest.name}")
@@ -395,7 +298,7 @@ def _finalize(ctx: Context, out: Output, spec: dict, seconds: float) -> None:
                  inputs={k: v for k, v in spec.items() if k in ("layers", "source")} | _source_key(ctx)
                  | {"attacks": ctx.upstream("attacks").key},
                  files=files, counts={"epochs": len(hist), "steps_per_epoch": spec["steps"],
-                                      "parameters": sum(q.numel() for q in _build(spec).parameters())},
+                                      "parameters": sum(q.numel() for q in from_spec(spec["model"]).parameters())},
                  timings={"total_s": seconds, "epoch_s": [h["seconds"] for h in hist]},
                  extra={"final_metrics": hist[-1], "model": spec["model"]})
     ctx.log(f"[purifier] final epoch: loss {hist[-1]['loss']:.2f}, reconstruction {hist[-1]['reconstruction']:.2f}, "

@@ -99,7 +99,7 @@ def test_shard_members_need_no_pickle(built):
 
 def test_activations_round_trip_and_alignment(built):
     from pipeline.models.hooks import forward_with_activations
-    from stages.classifier import load
+    from pipeline.models import load_stored
 
     acts, attacks = built["outs"]["activations"], built["outs"]["attacks"]
     reader = ActivationReader(acts)
@@ -107,7 +107,7 @@ def test_activations_round_trip_and_alignment(built):
     rows = reader.read(0, 240)
     samples = [s for p in _shards(attacks) for s in read_shard(p)]
     images = torch.from_numpy(np.stack([s["image"] for s in samples]))
-    model, _ = load(built["outs"]["classifier"], built["ctx"].cfg)
+    model, _ = load_stored(built["outs"]["classifier"], built["ctx"].cfg.data.dataset)
     with torch.no_grad():
         _, ref = forward_with_activations(model, images, reader.layers)
     for name, r in zip(reader.layers, ref):

@@ -42,7 +42,7 @@ def store(tmp_path_factory, data_dir):
 
 @pytest.mark.slow
 def test_two_workers_train_checkpoint_and_loss_falls(store, data_dir):
-    from stages.purifier import _build
+    from pipeline.models.purifier import from_spec
 
     ctx = make_ctx(store, data_dir, "purifier.lookahead_k=5")  # 48 steps: the last 3 are past a Lookahead sync
     ctx._ray_ready = True
@@ -52,7 +52,7 @@ def test_two_workers_train_checkpoint_and_loss_falls(store, data_dir):
     assert [h["epoch"] for h in hist] == [1, 2, 3, 4] and all(h["workers"] == 2 for h in hist)
     assert hist[-1]["loss"] < hist[0]["loss"] and hist[-1]["reconstruction"] < hist[0]["reconstruction"]
     assert [h["beta"] for h in hist] == [0.0, 0.0, 0.5, 1.0] and hist[0]["examples"] == 384
-    model = _build({"model": m["model"]})
+    model = from_spec(m["model"])
     model.load_state_dict(torch.load(out.dir / "purifier.pt", weights_only=True))
     assert m["counts"]["parameters"] == sum(p.numel() for p in model.parameters())
     assert (out.dir / "checkpoints").is_dir()
@@ -77,34 +77,36 @@ def test_a_code_version_bump_is_never_a_cache_hit(store, data_dir, monkeypatch):
     purifier_before = ctx.output("purifier").key
     assert before.is_complete() and before.manifest()["code_version"] == stages.activations.VERSION
     monkeypatch.setattr(stages.activations, "VERSION", stages.activations.VERSION + 1)  # a code change
+    ctx.forget_keys()  # keys are computed once per run; a code change comes between runs
     after = ctx.output("activations")
     assert after.key != before.key and not after.is_complete()
     with pytest.raises(runner.UpstreamMissing):  # downstream keys follow: nothing old is served
         ctx.output("purifier")
     monkeypatch.undo()
+    ctx.forget_keys()
     assert ctx.output("purifier").key == purifier_before
 
 
 def test_cache_and_recompute_condition_identically(store, data_dir):
-    from pipeline.balanced import BalancedBatches
-    from stages import _pool
-    from stages.purifier import _conditioning, _ShardLoader
+    from pipeline.balanced import BalancedBatches, ShardLoader
+    from pipeline.models import classifier_payload, from_payload
+    from pipeline.purifier_train import conditioning
 
     ctx = make_ctx(store, data_dir)
     attacks, acts = ctx.upstream("attacks"), ctx.upstream("activations")
     layers = ["conv1", "conv2", "conv3"]
     base = {"attacks_dir": str(attacks.dir), "activations_dir": str(acts.dir), "layers": layers, "cache_bytes": 0}
-    classifier = _pool.build_model(_pool.model_payload(ctx.upstream("classifier"), ctx.cfg), "cpu")
+    classifier = from_payload(classifier_payload(ctx.upstream("classifier"), ctx.cfg.data.dataset), "cpu")
 
     def first_batch(source):
-        bb = BalancedBatches(_ShardLoader({**base, "source": source}), 6, batch_size=32, adv_fraction=0.5, workers=1,
+        bb = BalancedBatches(ShardLoader({**base, "source": source}), 6, batch_size=32, adv_fraction=0.5, workers=1,
                              rank=0, steps=3, buffer_examples=64, seed=0)
         return next(iter(bb.epoch(0)))
 
     cached, fresh = first_batch("cache"), first_batch("recompute")
     assert np.array_equal(cached.inputs, fresh.inputs) and fresh.acts is None
-    a = _conditioning(cached, None, layers, "float16", "cpu")
-    b = _conditioning(fresh, classifier, layers, "float16", "cpu")
+    a = conditioning(cached, None, layers, "float16", "cpu")
+    b = conditioning(fresh, classifier, layers, "float16", "cpu")
     assert all(x.dtype == torch.float16 and torch.equal(x, y) for x, y in zip(a, b))
 
 

@@ -102,3 +102,30 @@ def save_state_dict(model: nn.Module, path: Path) -> None:
     from ..store import atomic_write_bytes
 
     atomic_write_bytes(path, buf.getvalue())
+
+
+def load_stored(out, dataset: str) -> tuple[nn.Module, str]:
+    """The classifier stage's output (``model.pt``, checked against its manifest first), in eval mode, and the
+    sha256 of its weights."""
+    from ..store import require_intact
+
+    manifest = out.manifest()
+    rec = next(r for r in manifest["files"] if r["name"] == "model.pt")
+    require_intact(out, rec)
+    model = build_classifier(manifest["arch"], dataset, manifest["activation"])
+    load_weights(model, load_state_dict_file(out.dir / "model.pt"), str(out.dir / "model.pt"))
+    return model.eval(), manifest["weights_sha256"]
+
+
+def classifier_payload(out, dataset: str) -> dict:
+    """What a Ray actor or task needs to rebuild the stored classifier on any node: arch, activation, weights."""
+    model, weights = load_stored(out, dataset)
+    manifest = out.manifest()
+    return {"arch": manifest["arch"], "activation": manifest["activation"], "dataset": dataset,
+            "state_dict": {k: v.clone() for k, v in model.state_dict().items()}, "weights_sha256": weights}
+
+
+def from_payload(payload: dict, device: str) -> nn.Module:
+    model = build_classifier(payload["arch"], payload["dataset"], payload["activation"])
+    load_weights(model, payload["state_dict"], "classifier payload")
+    return model.eval().to(device)

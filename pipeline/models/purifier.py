@@ -141,6 +141,14 @@ class Purifier(nn.Module):
         return self.decode(z, cond)
 
 
+def from_spec(m: dict) -> Purifier:
+    """The purifier described by a ``purifier.json`` / manifest ``model`` record (image shape, layer shapes,
+    fc_repr, f_joint, encoder convolutions, standardisation)."""
+    return Purifier(image_shape=tuple(m["image_shape"]), layer_shapes={k: tuple(v) for k, v in m["layer_shapes"].items()},
+                    fc_repr=m["fc_repr"], f_joint=m["f_joint"], encoder_convs=m["encoder_convs"], mean=tuple(m["mean"]),
+                    std=tuple(m["std"]))
+
+
 def kl_per_dim(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """(B, D) KL(q(z_d|x,c) || N(0, 1)) of every latent dimension of every example, in nats."""
     return -0.5 * (1 + logvar - mu.pow(2) - logvar.exp())

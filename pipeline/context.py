@@ -1,0 +1,119 @@
+"""What a stage sees of the run: the config, the store, Ray on first use, and the outputs of other stages.
+
+This module sits below the stages: stages import it (never ``pipeline.runner``), and it never imports a stage.
+The stage graph itself (``stages.GRAPH``: name -> module) is handed to the Context by whoever builds it
+(``pipeline.runner.Context`` does), which is how a key can be computed for any stage without an import loop.
+
+What one stage needs to know of another's output is a public function here (``classifier_identity``,
+``cached_layers``), never a private name of the other stage's module.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Callable, Mapping
+
+from .config import RunConfig, fingerprint
+from .errors import UserError
+from .log import echo
+from .store import Output, Store
+
+
+class UpstreamMissing(UserError):
+    """A stage's key depends on an upstream output that does not exist yet."""
+
+
+@dataclass
+class Context:
+    cfg: RunConfig
+    store: Store
+    # The stage graph: name -> module exposing VERSION, UPSTREAM, key(ctx) and run(ctx, out), in pipeline order.
+    graph: Mapping[str, ModuleType] = field(default_factory=dict, repr=False)
+    ray_address: str | None = None
+    # Model workers per stage (runtime only, never part of a key); None = one per GPU, or 1 on CPU.
+    workers: int | None = None
+    log: Callable[[str], None] = echo
+    # Ray's own output on the console too (otherwise it goes to Ray's log files, copied into <store>/logs/).
+    verbose: bool = False
+    _ray_ready: bool = field(default=False, repr=False)
+    _keys: dict = field(default_factory=dict, repr=False)
+
+    def ray(self) -> None:
+        """Connect to Ray on first use (cache hits never start Ray)."""
+        if not self._ray_ready:
+            from .cluster import connect
+
+            connect(self.ray_address, log=self.log, verbose=self.verbose)
+            self._ray_ready = True
+
+    def key(self, stage: str) -> str:
+        """The store key of a stage: its module's ``key(ctx)`` (everything in the config and upstream that
+        determines the output) combined with the module's code ``VERSION``, which is bumped whenever a code change
+        alters what the stage writes, so an output written by older code is never served as a cache hit.
+        Computed once per run (``forget_keys`` after a stage wrote something)."""
+        if stage not in self._keys:
+            mod = self.graph[stage]
+            self._keys[stage] = fingerprint({"stage": stage, "code_version": mod.VERSION, "inputs": mod.key(self)})
+        return self._keys[stage]
+
+    def forget_keys(self) -> None:
+        self._keys.clear()
+
+    def output(self, stage: str, create: bool = False) -> Output:
+        out = self.store.output(self.cfg.data.dataset, stage, self.key(stage), create=create)
+        out.code_version = self.graph[stage].VERSION
+        return out
+
+    def output_or_none(self, stage: str, complete: bool = False) -> Output | None:
+        """The output of ``stage``, or None when its key cannot be known yet (an upstream output is missing) or,
+        with ``complete``, when it is not finished."""
+        try:
+            out = self.output(stage)
+        except UpstreamMissing:
+            return None
+        return out if (out.is_complete() or not complete) else None
+
+    def upstream(self, stage: str) -> Output:
+        """The complete output of an upstream stage, or UpstreamMissing."""
+        out = self.output(stage)
+        if not out.is_complete():
+            raise UpstreamMissing(f"{stage} output {out.dir} is not complete; run `--stage {stage}` first")
+        return out
+
+
+def data_identity(cfg: RunConfig, split: str) -> dict:
+    """What identifies the data a stage reads (the recorded data sha256 lives in each manifest)."""
+    subset = cfg.data.train_subset if split == "train" else cfg.data.test_subset
+    return {"dataset": cfg.data.dataset, "split": split, "subset": subset}
+
+
+def classifier_identity(ctx: Context) -> dict:
+    """The classifier every downstream stage depends on: arch, activation and the sha256 of its weights, read
+    once per run from the classifier's manifest."""
+    up = ctx.upstream("classifier").manifest()
+    return {"arch": up["arch"], "activation": up["activation"], "weights_sha256": up["weights_sha256"]}
+
+
+def cached_layers(ctx: Context) -> list[str]:
+    """The classifier layers the activations stage hooks (``activations.layers``, or the architecture's default
+    list), checked against the architecture."""
+    from .models import build_classifier
+    from .models.hooks import check_layers
+
+    ident = classifier_identity(ctx)
+    model = build_classifier(ident["arch"], ctx.cfg.data.dataset, ident["activation"])
+    layers = ctx.cfg.activations.layers or model.default_layers()
+    check_layers(model, layers)
+    return list(layers)
+
+
+def conditioning_layers(ctx: Context) -> list[str]:
+    """The layers the purifier conditions on: ``purifier.layers`` or every cached layer."""
+    cached = cached_layers(ctx)
+    wanted = ctx.cfg.purifier.layers or cached
+    missing = [name for name in wanted if name not in cached]
+    if missing:
+        from .store import StoreError
+
+        raise StoreError(f"purifier.layers: {', '.join(missing)} not among the cached layers ({', '.join(cached)})")
+    return list(wanted)
