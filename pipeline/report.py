@@ -7,7 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 from .evaluation import PAPER_STRENGTH, reduced_settings
-from .store import atomic_file
+from .store import atomic_file, require_intact
 
 
 def _mean(xs: list[int]) -> float:
@@ -64,8 +64,14 @@ def _attack(per: list[dict], name: str) -> dict:
 
 
 def merge(out, cfg, chunks: list[tuple[int, int, int]], training: dict | None = None) -> dict:
-    """Every chunk exactly once, in order. ``training``: the purifier's final-epoch metrics."""
-    per = [json.loads((out.dir / "chunks" / f"chunk-{c:04d}.json").read_text()) for c, _, _ in chunks]
+    """Every chunk exactly once, in order, each chunk file checked against its receipt (size and sha256)
+    before it is read. ``training``: the purifier's final-epoch metrics."""
+    per = []
+    for c, _, _ in chunks:
+        path = out.dir / "chunks" / f"chunk-{c:04d}.json"
+        receipt = json.loads(out.unit_receipt(f"chunk-{c:04d}").read_text())
+        require_intact(out, next(r for r in receipt["files"] if r["name"] == f"chunks/chunk-{c:04d}.json"))
+        per.append(json.loads(path.read_text()))
     if [p["range"] for p in per] != [[lo, hi] for _, lo, hi in chunks]:
         raise RuntimeError(f"{out.dir}: chunk files do not cover the test points exactly once")
     n = sum(p["n"] for p in per)

@@ -55,6 +55,9 @@ def run_stage(ctx: Context, stage: str, rebuild: bool = False) -> Output:
     mod = stage_module(stage)
     out = ctx.output(stage, create=False)
     if out.is_complete() and not rebuild:
+        problems = verify_output(out, quick=True)  # the manifest parses; its files exist at their sizes
+        if problems:
+            raise StoreError(f"{problems[0]}; `pipeline run --stage {stage} --rebuild` recomputes it")
         ctx.log(f"[{stage}] cache hit: {out.dir} (key {out.key})")
         return out
     with output_lock(out):

@@ -59,6 +59,22 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def read_checkpoint(out_dir: Path, path: Path) -> dict:
+    """A checkpoint, checked against the size and sha256 recorded when it was written (``_units/epoch-N.json``),
+    then read with ``weights_only=True``."""
+    import torch
+
+    from pipeline.store import StoreError, require_intact
+
+    out = Output(out_dir, "purifier", "")
+    receipt = out.unit_receipt(path.stem)
+    if not receipt.is_file():
+        raise StoreError(f"{path}: no record of its size and sha256 ({receipt} is missing); delete the checkpoint "
+                         f"to restart training from the previous one, or rebuild with --rebuild")
+    require_intact(out, json.loads(receipt.read_text())["files"][0])
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 # --------------------------------------------------------------------------------------------------
 # The per-worker training loop (runs inside Ray Train workers)
 # --------------------------------------------------------------------------------------------------
@@ -120,7 +136,7 @@ def _train(spec: dict) -> None:
     # alike. With every random state restored, the result is bit-identical to an uninterrupted run.
     path = latest_checkpoint(Path(spec["out_dir"]))
     if path is not None:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = read_checkpoint(Path(spec["out_dir"]), path)
         (model.module if hasattr(model, "module") else model).load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start, history = state["epoch"] + 1, state["history"]
@@ -186,9 +202,13 @@ def _store_checkpoint(out_dir: Path, epoch: int, state: bytes, rec: dict) -> Non
 
     d = out_dir / CKPT_DIR
     d.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(d / f"epoch-{epoch:04d}.pt", state)
+    path = d / f"epoch-{epoch:04d}.pt"
+    atomic_write_bytes(path, state)
+    out = Output(out_dir, "purifier", "")
+    out.write_receipt(path.stem, [path])  # size and sha256, checked before the checkpoint is read back
     for old in sorted(d.glob("epoch-*.pt"))[:-2]:
         old.unlink(missing_ok=True)
+        out.unit_receipt(old.stem).unlink(missing_ok=True)
     lines = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()] \
         if (out_dir / "metrics.jsonl").exists() else []
     lines = [r for r in lines if r["epoch"] < rec["epoch"]] + [rec]
@@ -284,8 +304,7 @@ def _finalize(ctx: Context, out: Output, spec: dict, seconds: float) -> None:
 
     from pipeline.store import atomic_write_bytes
 
-    latest = latest_checkpoint(out.dir)
-    state = torch.load(latest, map_location="cpu", weights_only=True)
+    state = read_checkpoint(out.dir, latest_checkpoint(out.dir))
     if state["epoch"] + 1 != ctx.cfg.purifier.epochs:
         raise RuntimeError(f"[purifier] training stopped at epoch {state['epoch'] + 1} of {ctx.cfg.purifier.epochs}")
     buf = io.BytesIO()

@@ -139,3 +139,38 @@ def test_verify_finds_corruption_leftovers_and_rebuild_repairs(tmp_path, data):
     assert cli("verify", "--store", str(store)).returncode == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert {f["name"] for f in manifest["files"]} == {"metrics.json", "model.pt"}
+
+
+@pytest.mark.slow
+def test_a_corrupt_manifest_is_never_a_cache_hit(tmp_path, data):
+    store = tmp_path / "s"
+    args = ["--config", "configs/fmnist.yaml", "--store", str(store), *sets(data)]
+    assert cli("run", "--stage", "classifier", *args).returncode == 0
+    (manifest,) = store.glob("fmnist/classifier/*/manifest.json")
+    for bad in (b"", b"[1, 2]", b"\xff\xfe"):
+        manifest.write_bytes(bad)
+        one_line(cli("run", "--stage", "classifier", *args), 1, str(manifest), "corrupt manifest", "--rebuild")
+    manifest.write_text('{"files": [{"name": "model.pt", "bytes": 1, "sha256": "0"}]}')
+    one_line(cli("run", "--stage", "classifier", *args), 1, "model.pt: truncated or resized")
+    assert cli("run", "--stage", "classifier", "--rebuild", *args).returncode == 0
+    assert cli("verify", "--store", str(store)).returncode == 0
+
+
+def test_a_corrupt_purifier_checkpoint_is_refused_before_it_is_read(tmp_path):
+    """A resume reads the newest checkpoint only after checking it against the size and sha256 recorded when
+    it was written."""
+    import torch
+
+    from pipeline.store import StoreError
+    from stages.purifier import _store_checkpoint, latest_checkpoint, read_checkpoint
+
+    buf = __import__("io").BytesIO()
+    torch.save({"epoch": 0, "model": {"w": torch.ones(3)}}, buf)
+    _store_checkpoint(tmp_path, 0, buf.getvalue(), {"epoch": 1})
+    path = latest_checkpoint(tmp_path)
+    assert read_checkpoint(tmp_path, path)["epoch"] == 0
+    blob = bytearray(path.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    path.write_bytes(bytes(blob))
+    with pytest.raises(StoreError, match=f"{path}: content altered"):
+        read_checkpoint(tmp_path, path)
