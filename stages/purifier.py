@@ -55,7 +55,9 @@ def key(ctx: Context) -> str:
 
 
 def latest_checkpoint(out_dir: Path) -> Path | None:
-    found = sorted((out_dir / CKPT_DIR).glob("epoch-*.pt"))
+    """The newest checkpoint whose write finished: a checkpoint is renamed into place before its receipt
+    (``_units/epoch-N.json``) is written, so one without a receipt was interrupted and is skipped."""
+    found = [p for p in sorted((out_dir / CKPT_DIR).glob("epoch-*.pt")) if (out_dir / "_units" / f"{p.stem}.json").is_file()]
     return found[-1] if found else None
 
 
@@ -164,7 +166,7 @@ def _train(spec: dict) -> None:
                      "history": history, "rng": rng}
             buf = io.BytesIO()
             torch.save(state, buf)
-            _store_checkpoint(Path(spec["out_dir"]), epoch, buf.getvalue(), history[-1])
+            _store_checkpoint(Path(spec["out_dir"]), epoch, buf.getvalue(), history)
         ray.train.report({k: v for k, v in history[-1].items() if k != "kl_per_dim"})
 
 
@@ -196,8 +198,9 @@ def restore_rng(rng: list[dict] | None, rank: int, world: int) -> None:
         torch.cuda.set_rng_state(rng[rank]["cuda"])
 
 
-def _store_checkpoint(out_dir: Path, epoch: int, state: bytes, rec: dict) -> None:
-    """Rank 0: the epoch's checkpoint into the store (atomically), the epoch's metrics line, old ones pruned."""
+def _store_checkpoint(out_dir: Path, epoch: int, state: bytes, history: list[dict]) -> None:
+    """Rank 0: the epoch's checkpoint into the store (atomically, then its receipt), metrics.jsonl rewritten from
+    the checkpoint's history (so a kill between the two writes never leaves a gap), old checkpoints pruned."""
     from pipeline.store import atomic_write_bytes
 
     d = out_dir / CKPT_DIR
@@ -209,10 +212,13 @@ def _store_checkpoint(out_dir: Path, epoch: int, state: bytes, rec: dict) -> Non
     for old in sorted(d.glob("epoch-*.pt"))[:-2]:
         old.unlink(missing_ok=True)
         out.unit_receipt(old.stem).unlink(missing_ok=True)
-    lines = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()] \
-        if (out_dir / "metrics.jsonl").exists() else []
-    lines = [r for r in lines if r["epoch"] < rec["epoch"]] + [rec]
-    atomic_write_bytes(out_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in lines).encode())
+    write_metrics(out_dir, history)
+
+
+def write_metrics(out_dir: Path, history: list[dict]) -> None:
+    from pipeline.store import atomic_write_bytes
+
+    atomic_write_bytes(out_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history).encode())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -307,6 +313,7 @@ def _finalize(ctx: Context, out: Output, spec: dict, seconds: float) -> None:
     state = read_checkpoint(out.dir, latest_checkpoint(out.dir))
     if state["epoch"] + 1 != ctx.cfg.purifier.epochs:
         raise RuntimeError(f"[purifier] training stopped at epoch {state['epoch'] + 1} of {ctx.cfg.purifier.epochs}")
+    write_metrics(out.dir, state["history"])  # exactly the finished epochs, whatever a kill interrupted
     buf = io.BytesIO()
     torch.save(state["slow_model"], buf)  # Lookahead's slow weights (pipeline/purifier_train.py)
     atomic_write_bytes(out.dir / "purifier.pt", buf.getvalue())
