@@ -159,12 +159,11 @@ def verify(store: Store, ctx: Context | None = None, fix: bool = False) -> Verif
         outputs = store.all_outputs()
     lines, problems, fixed = [], [], 0
     for out in outputs:
-        found = verify_output(out)
-        if fix:
+        if fix:  # before hashing, so each file is hashed once
             for tmp in stale_temporaries(out.dir):
                 tmp.unlink(missing_ok=True)
                 fixed += 1
-            found = verify_output(out)
+        found = verify_output(out)
         problems += found
         lines.append(f"{'ok ' if not found else 'BAD'} {out.stage:<12} {out.dir}")
     for d in empty_key_folders(store.root, STAGES):
