@@ -70,7 +70,7 @@ def main() -> None:
     t0 = time.perf_counter()
     connect(None, log=lambda m: None)
     ray_init_s = time.perf_counter() - t0
-    ctx._ray_ready = True
+    ctx.ray_ready = True
     runner.run(ctx, "classifier")
     out = ctx.output("attacks", create=True)
     t0 = time.perf_counter()

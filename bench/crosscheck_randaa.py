@@ -71,7 +71,7 @@ def main() -> None:
     from pipeline.config import load_config
     from pipeline.data import load_split, to_float
     from pipeline.models import load_stored
-    from pipeline.models.purifier import from_spec
+    from pipeline.models.purifier import PurifierSpec
     from pipeline.store import require_intact
 
     cfg = load_config(args.config)
@@ -80,7 +80,7 @@ def main() -> None:
     pur_out = ctx.upstream("purifier")
     manifest = pur_out.manifest()
     require_intact(pur_out, next(r for r in manifest["files"] if r["name"] == "purifier.pt"))
-    purifier = from_spec(manifest["model"])
+    purifier = PurifierSpec.from_json(manifest["model"]).build()
     purifier.load_state_dict(torch.load(pur_out.dir / "purifier.pt", map_location="cpu", weights_only=True))
     model = IndependentCarso(classifier, purifier, manifest["model"]["layers"], cfg.eval.samples)
 

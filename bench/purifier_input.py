@@ -36,7 +36,6 @@ def main() -> None:
     from pipeline.balanced import BalancedBatches, ShardLoader, steps_per_epoch
     from pipeline.config import load_config
     from pipeline.context import conditioning_layers
-    from pipeline.models.purifier import from_spec
     from pipeline.purifier_train import build_optimizer, conditioning, train_step
     from stages.purifier import model_spec
 
@@ -47,11 +46,10 @@ def main() -> None:
     attacks, acts = ctx.upstream("attacks"), ctx.upstream("activations")
     examples = [u["stop"] - u["start"] for u in attacks.manifest()["units"]]
     steps = min(args.steps, steps_per_epoch(examples, p.batch_size, args.workers))
-    spec = {"attacks_dir": str(attacks.dir), "activations_dir": str(acts.dir), "layers": layers, "source": "cache",
-            "cache_bytes": 0}
+    where = {"attacks_dir": str(attacks.dir), "activations_dir": str(acts.dir), "layers": layers}
 
     def batches():
-        return BalancedBatches(ShardLoader(spec), len(examples), batch_size=p.batch_size, adv_fraction=p.adv_fraction,
+        return BalancedBatches(ShardLoader(**where, cache_bytes=0), len(examples), batch_size=p.batch_size, adv_fraction=p.adv_fraction,
                                workers=args.workers, rank=0, steps=steps, buffer_examples=2 * cfg.attack.shard_size,
                                seed=0).epoch(0)
 
@@ -60,8 +58,7 @@ def main() -> None:
     loader_s = time.perf_counter() - t0
     n = sum(len(b.targets) for b in held)
     # Warm: shards already in memory (the stage keeps them across epochs when they fit its budget).
-    spec["cache_bytes"] = 8 * 1024 ** 3
-    loader = ShardLoader(spec)
+    loader = ShardLoader(**where, cache_bytes=8 * 1024 ** 3)
     for k in range(0, len(examples), args.workers):  # rank 0's shards
         loader(k)
     t0 = time.perf_counter()
@@ -70,7 +67,7 @@ def main() -> None:
                                 seed=0).epoch(0))
     warm_s = time.perf_counter() - t0
 
-    model = from_spec(model_spec(ctx, layers)).train()
+    model = model_spec(ctx, layers).build().train()
     opt = build_optimizer(model, p)
     for g in opt.param_groups:
         g["lr"] = p.plateau_lr

@@ -20,6 +20,10 @@ from typing import Callable, Iterator
 import numpy as np
 
 from .attacks import KINDS
+from .shards import read_shard_arrays
+from .store import Output as Out
+from .store import require_intact
+from .zarr_store import ActivationReader
 
 ATTACK_KINDS = [k for k in KINDS if k != "clean"]
 
@@ -121,25 +125,21 @@ class BalancedBatches:
 class ShardLoader:
     """Loads one attack shard (verified) and, in cache mode, its activation rows; keeps them if small."""
 
-    def __init__(self, spec: dict):
-        from .store import Output as Out
-
-        self.attacks = Out(Path(spec["attacks_dir"]), "attacks", "")
+    def __init__(self, *, attacks_dir: str, layers: list[str], activations_dir: str | None = None,
+                 cache_bytes: int = 0):
+        """``activations_dir``: also read the cached activations of ``layers`` (``purifier.activations_source:
+        cache``); None: images only (``recompute``). ``cache_bytes``: how much of the loaded shards to keep."""
+        self.attacks = Out(Path(attacks_dir), "attacks", "")
         manifest = self.attacks.manifest()
         self.records = {r["name"]: r for r in manifest["files"]}
         self.units = manifest["units"]
         self.reader = None
-        if spec["source"] == "cache":
-            from .zarr_store import ActivationReader
-
-            self.reader = ActivationReader(Out(Path(spec["activations_dir"]), "activations", ""), spec["layers"])
+        if activations_dir is not None:
+            self.reader = ActivationReader(Out(Path(activations_dir), "activations", ""), list(layers))
         self.keep = {}
-        self.kept_bytes, self.budget = 0, spec["cache_bytes"]
+        self.kept_bytes, self.budget = 0, cache_bytes
 
     def __call__(self, sid: int):
-        from .shards import read_shard_arrays
-        from .store import require_intact
-
         if sid in self.keep:
             return self.keep[sid]
         u = self.units[sid]

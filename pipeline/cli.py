@@ -8,6 +8,8 @@ import click
 from . import runner
 from .config import load_config
 from .errors import EXIT_FAILED, find_user_error, one_line
+from .plan import plan_lines
+from .sweep import parse_grid, run_sweep, validate
 
 STAGE_NAMES = list(runner.STAGES) + ["all"]
 
@@ -53,7 +55,9 @@ verbose_option = click.option("--verbose", "-v", is_flag=True, default=False,
                                    "log files, copied into <store>/logs/.")
 workers_option = click.option("--workers", type=click.IntRange(min=1), default=None, metavar="N",
                               help="Model workers per stage (Ray actors / Train workers / evaluation tasks). "
-                                   "Default: one per GPU, or 1 on CPU. Never changes results or store keys.")
+                                   "Default: one per GPU; on CPU one actor using every core (attacks, activations), "
+                                   "purifier.workers (purifier), one task per core (evaluate). Never changes results "
+                                   "or store keys.")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -118,8 +122,6 @@ def status(config, overrides, store):
 def sweep(config, grid_items, grid_file, overrides, store, ray_address, workers, verbose):
     """Run every combination of a grid of (downstream) settings, reusing cached upstream outputs, and write
     one comparison table (markdown and CSV)."""
-    from .sweep import parse_grid, run_sweep, validate
-
     grid = _dispatch(parse_grid, grid_items, grid_file)
     _dispatch(validate, config, overrides, grid)
     _dispatch(run_sweep, config, overrides, grid, runner.store_root(store), ray_address, workers, verbose=verbose)
@@ -137,8 +139,6 @@ def sweep(config, grid_items, grid_file, overrides, store, ray_address, workers,
 def plan(config, overrides, store, tflops, devices):
     """Before launching anything: the stage graph with cache status, the work, FLOPs, projected hours and the
     bytes of each stage."""
-    from .plan import plan_lines
-
     lines = _dispatch(plan_lines, _context(config, overrides, store, None), tflops, devices)
     click.echo("\n".join(lines))
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+from pathlib import Path
 
 
 def connect(address: str | None, log=print, verbose: bool = False) -> None:
@@ -70,9 +72,6 @@ def device_for(resources: dict) -> str:
 
 def save_logs(dest_root) -> str | None:
     """Copy this Ray session's log files (this node's) into ``dest_root/<session>/``; return that path."""
-    import shutil
-    from pathlib import Path
-
     import ray
 
     try:

@@ -13,10 +13,13 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Callable, Mapping
 
+from .cluster import connect
 from .config import RunConfig, fingerprint
 from .errors import UserError
 from .log import echo
-from .store import Output, Store
+from .models import build_classifier
+from .models.hooks import check_layers
+from .store import Output, Store, StoreError
 
 
 class UpstreamMissing(UserError):
@@ -30,21 +33,21 @@ class Context:
     # The stage graph: name -> module exposing VERSION, UPSTREAM, key(ctx) and run(ctx, out), in pipeline order.
     graph: Mapping[str, ModuleType] = field(default_factory=dict, repr=False)
     ray_address: str | None = None
-    # Model workers per stage (runtime only, never part of a key); None = one per GPU, or 1 on CPU.
+    # Model workers per stage (runtime only, never part of a key); None = each stage's default (one per GPU; on CPU
+    # one actor on every core for attacks/activations, purifier.workers, one evaluation task per core).
     workers: int | None = None
     log: Callable[[str], None] = echo
     # Ray's own output on the console too (otherwise it goes to Ray's log files, copied into <store>/logs/).
     verbose: bool = False
-    _ray_ready: bool = field(default=False, repr=False)
+    # True once Ray is connected: by ``ray()`` on first use, or by a caller (a test, a notebook) that connected it.
+    ray_ready: bool = field(default=False, repr=False)
     _keys: dict = field(default_factory=dict, repr=False)
 
     def ray(self) -> None:
         """Connect to Ray on first use (cache hits never start Ray)."""
-        if not self._ray_ready:
-            from .cluster import connect
-
+        if not self.ray_ready:
             connect(self.ray_address, log=self.log, verbose=self.verbose)
-            self._ray_ready = True
+            self.ray_ready = True
 
     def key(self, stage: str) -> str:
         """The store key of a stage: its module's ``key(ctx)`` (everything in the config and upstream that
@@ -97,9 +100,6 @@ def classifier_identity(ctx: Context) -> dict:
 def cached_layers(ctx: Context) -> list[str]:
     """The classifier layers the activations stage hooks (``activations.layers``, or the architecture's default
     list), checked against the architecture."""
-    from .models import build_classifier
-    from .models.hooks import check_layers
-
     ident = classifier_identity(ctx)
     model = build_classifier(ident["arch"], ctx.cfg.data.dataset, ident["activation"])
     layers = ctx.cfg.activations.layers or model.default_layers()
@@ -113,7 +113,5 @@ def conditioning_layers(ctx: Context) -> list[str]:
     wanted = ctx.cfg.purifier.layers or cached
     missing = [name for name in wanted if name not in cached]
     if missing:
-        from .store import StoreError
-
         raise StoreError(f"purifier.layers: {', '.join(missing)} not among the cached layers ({', '.join(cached)})")
     return list(wanted)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
 
 from .errors import UserError
 
@@ -233,8 +234,6 @@ def _load_cifar100(root: Path, split: str, meta: DatasetInfo):
 # TinyImageNet-200
 # --------------------------------------------------------------------------------------------------
 def _read_rgb64(path: Path) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(path) as im:
             arr = np.asarray(im.convert("RGB"), dtype=np.uint8)

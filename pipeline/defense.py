@@ -18,11 +18,15 @@ fresh latent samples.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .models import StoredClassifier
 from .models.hooks import capture
+from .models.purifier import PurifierSpec
 from .precision import autocast
 
 AGGREGATIONS = ("robust", "logit", "prob")
@@ -79,3 +83,20 @@ class Carso(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return aggregate(self.sample_logits(x), self.aggregation)
+
+
+@dataclass(frozen=True)
+class CarsoWeights:
+    """A trained CARSO as it travels to an evaluation worker: the stored classifier, the purifier's architecture and
+    its weights. ``build`` returns (classifier, Carso) on ``device``."""
+    classifier: StoredClassifier
+    purifier: PurifierSpec
+    purifier_state: dict = field(repr=False)
+
+    def build(self, device: str, *, samples: int, aggregation: str, precision: str = "float32"):
+        classifier = self.classifier.build(device)
+        purifier = self.purifier.build()
+        purifier.load_state_dict(self.purifier_state)
+        carso = Carso(classifier, purifier.to(device).eval(), self.purifier.layers, samples=samples,
+                      aggregation=aggregation, precision=precision)
+        return classifier, carso

@@ -10,6 +10,11 @@ Per chunk, with the attack settings written next to every number:
   crafted against the classifier alone (the paper's appendix C question), and how stochastic CARSO is (do the
   N reconstructions of a clean input disagree in prediction; per-pixel std across them).
 
+Every attack is an object with one interface, as in the official AutoAttack: a ``name`` (the key of its results),
+its settings as fields, and ``run(model, x, y) -> Adversarial`` (the points, plus the runner's own verdict and
+warnings where the library gives them). ``carso_attacks`` lists the attacks on CARSO in the order they run;
+``evaluate_chunk`` scores each one the same way.
+
 Scoring cannot flatter the defence: a point misclassified on its clean input is never robust; adversarial
 points returned by an attack are re-scored on ``fresh_draws`` new forward passes of the stochastic defence
 (the per-draw mean and the worst case are reported beside AutoAttack's own single-pass verdict); the input
@@ -19,13 +24,16 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from pyautoattack import AutoAttack
 
 from .attacks import pgd, pgd_eot
-from .errors import UserError
 from .defense import Carso
+from .errors import UserError
+
 
 class EvalError(UserError):
     """An evaluation setting that cannot be honoured here (e.g. a backend that is not installed)."""
@@ -92,36 +100,108 @@ def gradient_diagnostics(model, x: torch.Tensor, y: torch.Tensor) -> dict:
     return {"nan": int(torch.isnan(flat).any(1).sum()), "zero": int((flat == 0).all(1).sum()), "n": len(x)}
 
 
-def autoattack(model, x, y, *, version: str, eps: float, seed: int, batch_size: int, device: str,
-               steps: int = 100, eot: int = 20, backend: str = "pyautoattack"):
+@dataclass(frozen=True)
+class Adversarial:
+    """What an attack returns: the adversarial points, and for AutoAttack its own single-pass predictions on them
+    (``runner``), the runtime-check warnings it logged and the settings it ran with (read off the library)."""
+    x: torch.Tensor
+    settings: dict
+    runner: torch.Tensor | None = None
+    warnings: list[str] | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class AutoAttackRun:
     """AutoAttack's runner. 'rand': APGD-CE + APGD-DLR, 1 restart, ``steps`` steps, ``eot`` EOT iterations.
     'standard': APGD-CE, APGD-T (9 targets), FAB-T, Square (5000 queries), at the library's settings.
     ``backend``: 'pyautoattack' (PyPI, keyword-only runner) or 'autoattack' (the official repository's package).
-    Returns (x_adv, the runner's own final predictions, captured warnings, settings)."""
-    check_backend(backend)
-    if backend == "autoattack":
-        from autoattack import AutoAttack as Official  # type: ignore
+    ``global_seed``: reset torch's global generator first (the runner's clean pass of a stochastic defence draws
+    from it); None leaves it as it is."""
+    name: str
+    version: str
+    eps: float
+    seed: int
+    batch_size: int
+    device: str
+    backend: str = "pyautoattack"
+    steps: int = 100
+    eot: int = 20
+    global_seed: int | None = None
+    check_gradient_at_start: bool = False
 
-        aa = Official(model, norm="Linf", eps=eps, version=version, device=device, seed=seed)
-    else:
-        from pyautoattack import AutoAttack
+    def run(self, model, x: torch.Tensor, y: torch.Tensor) -> Adversarial:
+        check_backend(self.backend)
+        if self.global_seed is not None:
+            torch.manual_seed(self.global_seed)
+        if self.backend == "autoattack":
+            from autoattack import AutoAttack as Official  # type: ignore  # optional, not on PyPI
 
-        aa = AutoAttack(model, version=version, eps=eps, norm="Linf", seed=seed, device=device)
-    if version == "rand":
-        aa.apgd.n_iter, aa.apgd.eot_iter = steps, eot
-    with captured_warnings() as warns:
-        if backend == "autoattack":
-            x_adv, y_adv = aa.run_standard_evaluation(x, y, bs=batch_size, return_labels=True)
+            aa = Official(model, norm="Linf", eps=self.eps, version=self.version, device=self.device, seed=self.seed)
         else:
-            x_adv, y_adv = aa.run_standard_evaluation(x, y, batch_size=batch_size)
-    settings = {"library": backend, "version": version, "norm": "Linf", "eps": eps, "seed": seed,
-                "attacks": list(aa.attacks_to_run)}
-    if version == "rand":
-        settings |= {"steps": aa.apgd.n_iter, "eot": aa.apgd.eot_iter, "restarts": aa.apgd.n_restarts}
-    else:
-        settings |= {"apgd_steps": aa.apgd.n_iter, "apgd_t_targets": aa.apgd_targeted.n_target_classes,
-                     "fab_t_targets": aa.fab.n_target_classes, "square_queries": aa.square.n_queries}
-    return x_adv.detach(), y_adv.detach(), warns, settings
+            aa = AutoAttack(model, version=self.version, eps=self.eps, norm="Linf", seed=self.seed, device=self.device)
+        if self.version == "rand":
+            aa.apgd.n_iter, aa.apgd.eot_iter = self.steps, self.eot
+        with captured_warnings() as warns:
+            if self.backend == "autoattack":
+                x_adv, y_adv = aa.run_standard_evaluation(x, y, bs=self.batch_size, return_labels=True)
+            else:
+                x_adv, y_adv = aa.run_standard_evaluation(x, y, batch_size=self.batch_size)
+        settings = {"library": self.backend, "version": self.version, "norm": "Linf", "eps": self.eps, "seed": self.seed,
+                    "attacks": list(aa.attacks_to_run)}
+        if self.version == "rand":
+            settings |= {"steps": aa.apgd.n_iter, "eot": aa.apgd.eot_iter, "restarts": aa.apgd.n_restarts}
+        else:
+            settings |= {"apgd_steps": aa.apgd.n_iter, "apgd_t_targets": aa.apgd_targeted.n_target_classes,
+                         "fab_t_targets": aa.fab.n_target_classes, "square_queries": aa.square.n_queries}
+        return Adversarial(x_adv.detach(), settings, runner=y_adv.detach(), warnings=warns)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PGDEOTRun:
+    """Table 12's PGD+EOT (``steps`` signed steps of ``step_size``, gradient averaged over ``eot`` draws, a
+    random start drawn from a generator seeded with ``seed``). ``gradient_through``: attack a copy of the defence
+    that aggregates this way instead (a surrogate whose cross-entropy never saturates); the points are scored on
+    the defence as given all the same."""
+    name: str
+    eps: float
+    steps: int
+    step_size: float
+    eot: int
+    seed: int
+    global_seed: int | None = None
+    gradient_through: str | None = None
+    check_gradient_at_start: bool = False
+
+    def run(self, model, x: torch.Tensor, y: torch.Tensor) -> Adversarial:
+        if self.global_seed is not None:
+            torch.manual_seed(self.global_seed)
+        target = model
+        if self.gradient_through is not None:
+            target = Carso(model.classifier, model.purifier, model.layers, samples=model.samples,
+                           aggregation=self.gradient_through)
+        gen = torch.Generator().manual_seed(self.seed)
+        x_adv = pgd_eot(target, x, y, eps=self.eps, steps=self.steps, step_size=self.step_size, eot=self.eot,
+                        generator=gen)
+        settings = {"attack": "PGD+EOT", "norm": "Linf", "eps": self.eps, "steps": self.steps,
+                    "step_size": self.step_size, "eot": self.eot, "random_start": True, "loss": "CE"}
+        if self.gradient_through is not None:
+            settings["gradient_through"] = f"{self.gradient_through} aggregation"
+        return Adversarial(x_adv, settings | {"seed": self.seed})
+
+
+def carso_attacks(ev, seed: int, device: str) -> list:
+    """The attacks on CARSO of one chunk, in the order they run (each result is stored under the attack's name):
+    randAA at eps, PGD+EOT, optionally PGD+EOT through logit aggregation, and randAA at ``obfuscation_eps`` (the
+    gradient-obfuscation check). The seeds are fixed functions of the chunk's seed."""
+    aa = {"version": "rand", "seed": seed, "batch_size": ev.batch_size, "device": device, "backend": ev.backend,
+          "steps": ev.aa_steps, "eot": ev.aa_eot}
+    pgd_ = {"eps": ev.eps, "steps": ev.pgd_eot_steps, "step_size": ev.pgd_eot_step_size, "eot": ev.pgd_eot_iters}
+    attacks = [AutoAttackRun(name="carso_randaa", eps=ev.eps, global_seed=seed + 5, check_gradient_at_start=True, **aa),
+               PGDEOTRun(name="carso_pgd_eot", seed=seed + 2, global_seed=seed + 1, **pgd_)]
+    if ev.pgd_eot_logit_surrogate:
+        attacks.append(PGDEOTRun(name="carso_pgd_eot_logit", seed=seed + 4, gradient_through="logit", **pgd_))
+    attacks.append(AutoAttackRun(name="obfuscation", eps=ev.obfuscation_eps, **aa))
+    return attacks
 
 
 # Table 12's PGD (the purifier's training attack), run against the classifier alone for the purification check.
@@ -164,16 +244,17 @@ def classifier_baseline(classifier, x: torch.Tensor, y: torch.Tensor, ev, seed: 
     the points, eps, the seed and the backend, never on the purifier or the aggregation, so the evaluate stage
     computes it once and reuses it across a sweep's purifiers."""
     x, y = x.to(device), y.to(device)
-    xa, ya, warns, settings = autoattack(classifier, x, y, version="standard", eps=ev.eps, seed=seed,
-                                         batch_size=ev.batch_size, device=device, backend=ev.backend)
+    adv = AutoAttackRun(name="clf_aa", version="standard", eps=ev.eps, seed=seed, batch_size=ev.batch_size,
+                        device=device, backend=ev.backend).run(classifier, x, y)
     return {"clf_clean": (predict(classifier, x, ev.batch_size) == y).int().tolist(),
-            "clf_aa": {"runner": (ya == y).int().tolist(), "warnings": warns, "settings": settings}}
+            "clf_aa": {"runner": (adv.runner == y).int().tolist(), "warnings": adv.warnings, "settings": adv.settings}}
 
 
 def evaluate_chunk(classifier, carso, x: torch.Tensor, y: torch.Tensor, ev, seed: int, device: str,
                    keep_examples: int = 0, baseline: dict | None = None) -> dict:
     """All evaluations of one chunk. Returns JSON-serialisable per-point outcomes and settings. ``baseline``:
-    the chunk's ``classifier_baseline`` when already known (it is computed here otherwise)."""
+    the chunk's ``classifier_baseline`` when already known (it is computed here otherwise). ``keep_examples``:
+    also return that many points' inputs, randAA points and reconstructions (for the report's figures)."""
     x, y = x.to(device), y.to(device)
     out: dict = {"n": len(y), "seed": seed}
     out.update(baseline if baseline is not None else classifier_baseline(classifier, x, y, ev, seed, device))
@@ -183,39 +264,24 @@ def evaluate_chunk(classifier, carso, x: torch.Tensor, y: torch.Tensor, ev, seed
     clean_ok = carso_clean.all(0)  # a point any clean draw gets wrong counts as not robust
     out["carso_clean_ok"] = clean_ok.int().tolist()
     out["diagnostics"] = diagnostics(classifier, carso, x, y, ev, seed)
-
-    torch.manual_seed(seed + 5)  # randAA's own clean pass draws from the global generator
-    xa, ya, warns, settings = autoattack(carso, x, y, version="rand", eps=ev.eps, seed=seed, batch_size=ev.batch_size,
-                                         device=device, steps=ev.aa_steps, eot=ev.aa_eot, backend=ev.backend)
-    out["carso_randaa"] = {"runner": ((ya == y) & clean_ok).int().tolist(), **_scored(carso, xa, y, clean_ok, ev),
-                           "warnings": warns, "settings": settings, "grad_at_start": gradient_diagnostics(carso, x, y)}
-    if keep_examples:
-        k = min(keep_examples, len(y))
-        with torch.no_grad():
-            recon_clean, recon_adv = carso.reconstructions(x[:k]), carso.reconstructions(xa[:k])
-        out["examples"] = {"x": x[:k].cpu(), "x_adv": xa[:k].cpu(), "recon": recon_adv[0].cpu(),
-                           "recon_clean_all": recon_clean.cpu(), "recon_adv_all": recon_adv.cpu()}
-
-    torch.manual_seed(seed + 1)
-    gen = torch.Generator().manual_seed(seed + 2)
-    xp = pgd_eot(carso, x, y, eps=ev.eps, steps=ev.pgd_eot_steps, step_size=ev.pgd_eot_step_size,
-                 eot=ev.pgd_eot_iters, generator=gen)
-    pgd_settings = {"attack": "PGD+EOT", "norm": "Linf", "eps": ev.eps, "steps": ev.pgd_eot_steps,
-                    "step_size": ev.pgd_eot_step_size, "eot": ev.pgd_eot_iters, "random_start": True, "loss": "CE"}
-    out["carso_pgd_eot"] = {**_scored(carso, xp, y, clean_ok, ev), "settings": {**pgd_settings, "seed": seed + 2}}
-    if ev.pgd_eot_logit_surrogate:
-        # Gradients through logit aggregation (never saturated), points scored on the defence as configured.
-        surrogate = Carso(carso.classifier, carso.purifier, carso.layers, samples=carso.samples, aggregation="logit")
-        gen = torch.Generator().manual_seed(seed + 4)
-        xs = pgd_eot(surrogate, x, y, eps=ev.eps, steps=ev.pgd_eot_steps, step_size=ev.pgd_eot_step_size,
-                     eot=ev.pgd_eot_iters, generator=gen)
-        out["carso_pgd_eot_logit"] = {**_scored(carso, xs, y, clean_ok, ev),
-                                      "settings": {**pgd_settings, "gradient_through": "logit aggregation",
-                                                   "seed": seed + 4}}
-
-    xo, yo, warns, settings = autoattack(carso, x, y, version="rand", eps=ev.obfuscation_eps, seed=seed,
-                                         batch_size=ev.batch_size, device=device, steps=ev.aa_steps, eot=ev.aa_eot,
-                                         backend=ev.backend)
-    out["obfuscation"] = {"runner": ((yo == y) & clean_ok).int().tolist(), **_scored(carso, xo, y, clean_ok, ev),
-                          "warnings": warns, "settings": settings}
+    for i, attack in enumerate(carso_attacks(ev, seed, device)):
+        adv = attack.run(carso, x, y)
+        rec: dict = {} if adv.runner is None else {"runner": ((adv.runner == y) & clean_ok).int().tolist()}
+        rec |= _scored(carso, adv.x, y, clean_ok, ev)
+        if adv.warnings is not None:
+            rec["warnings"] = adv.warnings
+        rec["settings"] = adv.settings
+        if attack.check_gradient_at_start:
+            rec["grad_at_start"] = gradient_diagnostics(carso, x, y)
+        out[attack.name] = rec
+        if i == 0 and keep_examples:  # the first attack's points (randAA) illustrate the report
+            out["examples"] = _examples(carso, x, adv.x, keep_examples)
     return out
+
+
+@torch.no_grad()
+def _examples(carso, x: torch.Tensor, x_adv: torch.Tensor, k: int) -> dict:
+    k = min(k, len(x))
+    recon_clean, recon_adv = carso.reconstructions(x[:k]), carso.reconstructions(x_adv[:k])
+    return {"x": x[:k].cpu(), "x_adv": x_adv[:k].cpu(), "recon": recon_adv[0].cpu(),
+            "recon_clean_all": recon_clean.cpu(), "recon_adv_all": recon_adv.cpu()}

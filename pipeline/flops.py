@@ -11,6 +11,13 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from .data import info
+from .defense import Carso
+from .models import build_classifier
+from .models.hooks import forward_with_activations
+from .models.purifier import Purifier
+from .sizing import layer_shapes
+
 # Standard AutoAttack on the classifier, per point at most: APGD-CE 100 steps, APGD-T 9 targets x 100,
 # FAB-T 9 targets x 100 (one gradient pass per step counted), Square 5000 queries (forward only).
 AA_STANDARD_GRAD_PASSES, AA_STANDARD_FORWARDS = 100 + 900 + 900, 5000
@@ -24,12 +31,6 @@ def _count(fn) -> int:
 
 def per_example(cfg) -> dict[str, int]:
     """FLOPs of one example through each building block of the config's models."""
-    from .data import info
-    from .defense import Carso
-    from .models import build_classifier
-    from .models.purifier import Purifier
-    from .sizing import layer_shapes
-
     meta = info(cfg.data.dataset)
     shapes = layer_shapes(cfg.classifier.arch, cfg.data.dataset, cfg.classifier.activation, cfg.activations.layers)
     layers = cfg.purifier.layers or list(shapes)
@@ -56,8 +57,6 @@ def per_example(cfg) -> dict[str, int]:
     for q in clf.parameters():
         q.requires_grad_(False)
     attack = _count(lambda: input_grad(clf))
-
-    from .models.hooks import forward_with_activations
 
     _, acts = forward_with_activations(clf, x2, layers)
     pur.train()

@@ -7,6 +7,7 @@ from .data import info
 from .flops import stage_flops
 from .log import human_bytes
 from .preflight import check
+from .runner import status
 from .sizing import estimate
 
 
@@ -72,8 +73,6 @@ def _hours(flops: float, tflops: float, devices: int) -> str:
 
 
 def plan_lines(ctx, tflops: float = DEFAULT_TFLOPS, devices: int = 1) -> list[str]:
-    from .runner import status
-
     cfg = ctx.cfg
     check(ctx)
     work, size = _work(cfg), _bytes(cfg)

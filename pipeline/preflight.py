@@ -11,16 +11,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
+
 from .config import ConfigError, RunConfig
+from .data import load_split
+from .models import build_classifier
 from .store import StoreError
 
 
 def hookable_layers(cfg: RunConfig) -> tuple[list[str], list[str]]:
     """(every hookable layer, the default list) of the configured classifier architecture."""
-    import torch
-
-    from .models import build_classifier
-
     with torch.device("meta"):
         model = build_classifier(cfg.classifier.arch, cfg.data.dataset, cfg.classifier.activation)
     return model.hookable_layers(), model.default_layers()
@@ -45,8 +45,6 @@ def check_layers(cfg: RunConfig) -> None:
 def check_sizes(cfg: RunConfig, stages: list[str]) -> None:
     """Example counts of the ``stages`` about to run against the splits as they are on disk (after
     ``data.*_subset``); never clamped."""
-    from .data import load_split
-
     if "attacks" in stages:
         n_train = len(load_split(cfg.data.dataset, "train", cfg.data.data_dir, cfg.data.train_subset)[1])
         if cfg.attack.n_examples and cfg.attack.n_examples > n_train:

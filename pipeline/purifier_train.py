@@ -19,17 +19,50 @@ from typing import Iterator
 
 import torch
 import torch.nn as nn
-from pytorch_optimizer import Lookahead
 
-from .models.purifier import vae_loss
+from .balanced import ShardLoader
+from .config import PurifierConfig
+from .models import StoredClassifier
+from .models.hooks import forward_with_activations
+from .models.purifier import PurifierSpec, vae_loss
 from .precision import autocast
 from .schedules import beta_at, lr_at
 
 ACTIVE_KL = 0.01  # nats: a latent dimension whose average KL exceeds this carries information
 
 
-def build_optimizer(model: nn.Module, p) -> Lookahead:
+@dataclass(frozen=True, kw_only=True)
+class TrainJob:
+    """Everything a training worker needs, fixed by the driver before launch (it crosses to Ray Train's workers
+    as one object): the settings, the model, where the data and the output live, how the data is dealt."""
+    purifier: PurifierConfig
+    model: PurifierSpec
+    source: str                       # purifier.activations_source: "cache" or "recompute"
+    attacks_dir: str
+    out_dir: str
+    examples_per_shard: tuple[int, ...]
+    steps: int                        # optimiser steps per epoch (every worker takes the same number)
+    threads: int                      # torch threads per worker
+    buffer_examples: int              # examples each worker holds to draw its balanced batches from
+    cache_bytes: int                  # loaded shards kept in memory up to this size
+    dtype: str                        # activations' storage dtype (the conditioning is cast to it either way)
+    act_precision: str                # activations.precision, for recomputed activations
+    activations_dir: str | None = None            # source "cache"
+    classifier: StoredClassifier | None = None    # source "recompute"
+
+    @property
+    def layers(self) -> list[str]:
+        return self.model.layers
+
+    def shard_loader(self) -> ShardLoader:
+        return ShardLoader(attacks_dir=self.attacks_dir, layers=self.layers, cache_bytes=self.cache_bytes,
+                           activations_dir=self.activations_dir if self.source == "cache" else None)
+
+
+def build_optimizer(model: nn.Module, p):
     """RAdam + Lookahead from a ``PurifierConfig`` (Table 14); the LR is set per epoch by the schedule."""
+    from pytorch_optimizer import Lookahead  # imported here: it takes about a second, and most commands never train
+
     inner = torch.optim.RAdam(model.parameters(), lr=p.initial_lr, betas=tuple(p.radam_betas), eps=p.radam_eps,
                               weight_decay=0.0)
     return Lookahead(inner, k=p.lookahead_k, alpha=p.lookahead_alpha)
@@ -62,7 +95,7 @@ def active_units(kl_per_dim: list[float] | torch.Tensor) -> int:
     return int((torch.as_tensor(kl_per_dim) > ACTIVE_KL).sum())
 
 
-def slow_state_dict(model: nn.Module, opt: Lookahead) -> dict[str, torch.Tensor]:
+def slow_state_dict(model: nn.Module, opt) -> dict[str, torch.Tensor]:
     """The model's state_dict with every parameter replaced by Lookahead's slow copy (buffers as they are).
     Works on a DDP-wrapped model (its ``module``)."""
     net = getattr(model, "module", model)
@@ -80,8 +113,6 @@ def conditioning(batch, classifier, layers, dtype, device, precision="float32"):
     the cache dtype (the same function either way)."""
     if batch.acts is not None:
         return [torch.from_numpy(batch.acts[n]).to(device) for n in layers]
-    from .models.hooks import forward_with_activations
-
     with torch.no_grad(), autocast(precision, device):
         _, acts = forward_with_activations(classifier, torch.from_numpy(batch.inputs).to(device), layers)
     return [a.to(getattr(torch, dtype)) for a in acts]

@@ -6,6 +6,9 @@ import math
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
+
+from .data import info
 from .evaluation import PAPER_STRENGTH, reduced_settings
 from .store import atomic_file, require_intact
 
@@ -76,8 +79,6 @@ def merge(out, cfg, chunks: list[tuple[int, int, int]], training: dict | None = 
         raise RuntimeError(f"{out.dir}: chunk files do not cover the test points exactly once")
     n = sum(p["n"] for p in per)
     ev = cfg.eval
-    from .data import info
-
     chance = 1.0 / info(cfg.data.dataset).num_classes
     clean_draws = [[v for p in per for v in p["carso_clean"][d]] for d in range(ev.fresh_draws)]
     grad = {k: sum(p["carso_randaa"]["grad_at_start"][k] for p in per) for k in ("nan", "zero", "n")}
@@ -238,8 +239,6 @@ def grid(npz: Path, png: Path) -> bool:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
-
     with np.load(npz, allow_pickle=False) as d:
         rows = [d["x"], d["x_adv"], d["recon"]]
     k = rows[0].shape[0]
@@ -259,8 +258,6 @@ def grid(npz: Path, png: Path) -> bool:
 
 def samples_grid(npz: Path, png: Path) -> bool:
     """One row per point: the clean input, its N reconstructions, the randAA input, its N reconstructions."""
-    import numpy as np
-
     if not npz.exists():
         return False
     with np.load(npz, allow_pickle=False) as d:

@@ -13,11 +13,20 @@ from typing import Mapping
 import stages
 
 from . import preflight
+from .cluster import save_logs
 from .context import Context as _Context
 from .context import UpstreamMissing
 from .log import human_seconds
-from .store import (Output, Store, StoreError, empty_key_folders, has_files, output_lock, stale_temporaries,
-                    verify_output)
+from .store import (
+    Output,
+    Store,
+    StoreError,
+    empty_key_folders,
+    has_files,
+    output_lock,
+    stale_temporaries,
+    verify_output,
+)
 
 # The stage graph, in pipeline order: name -> module (stages/__init__.py).
 STAGES = stages.GRAPH
@@ -110,9 +119,7 @@ def run(ctx: Context, stage: str, only: bool = False, rebuild: bool = False) -> 
             ran = ran or ctx.output_or_none(s, complete=True) is None
             outs.append(run_stage(ctx, s, rebuild=rebuild and (stage == "all" or s == stage)))
     finally:
-        if ran and ctx._ray_ready and not ctx.verbose:
-            from .cluster import save_logs
-
+        if ran and ctx.ray_ready and not ctx.verbose:
             where = save_logs(ctx.store.root / "logs")
             if where:
                 ctx.log(f"[ray] Ray's own logs (workers, Ray Train): {where} (--verbose prints them here)")

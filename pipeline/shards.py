@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
+import webdataset as wds
 
 from .store import atomic_file
 
@@ -41,8 +42,6 @@ def sample_key(index: int, kind: str) -> str:
 
 def write_shard(path: Path, samples: Iterable[tuple[int, int, str, np.ndarray]]) -> int:
     """Write ``(index, label, kind, image)`` samples to ``path`` atomically. Returns the sample count."""
-    import webdataset as wds
-
     n = 0
     with atomic_file(path) as tmp, open(tmp, "wb") as f:
         with wds.TarWriter(f, user="carso", group="carso", mtime=0, encoder=False) as tw:
@@ -56,8 +55,6 @@ def write_shard(path: Path, samples: Iterable[tuple[int, int, str, np.ndarray]])
 
 def read_shard(path: Path) -> Iterator[dict]:
     """Yield ``{"index", "label", "kind", "image"}`` dicts in shard order, via webdataset's tar reader."""
-    import webdataset as wds
-
     # One explicit file: no node or worker splitting (callers assign shards to workers themselves).
     ds = wds.WebDataset(str(path), shardshuffle=False, empty_check=False, nodesplitter=None, workersplitter=None)
     for raw in ds:

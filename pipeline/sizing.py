@@ -10,7 +10,12 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from .attacks import KINDS
+from .data import info
+from .models import build_classifier
+from .models.hooks import forward_with_activations
 
 TAR_BLOCK, TAR_RECORD, NPY_HEADER = 512, 10240, 128
 
@@ -28,12 +33,6 @@ def shard_bytes(n_samples: int, sample_bytes: int) -> int:
 
 
 def layer_shapes(arch: str, dataset: str, activation: str, layers: list[str] | None) -> dict[str, tuple]:
-    import torch
-
-    from .data import info
-    from .models import build_classifier
-    from .models.hooks import forward_with_activations
-
     meta = info(dataset)
     with torch.device("meta"):
         model = build_classifier(arch, dataset, activation).eval()
@@ -44,8 +43,6 @@ def layer_shapes(arch: str, dataset: str, activation: str, layers: list[str] | N
 
 def estimate(cfg) -> dict:
     """Examples, samples and bytes of the attacks and activations stages for a config."""
-    from .data import info
-
     meta = info(cfg.data.dataset)
     n_train = min(meta.train_size, cfg.data.train_subset or meta.train_size)
     n = min(n_train, cfg.attack.n_examples or n_train)

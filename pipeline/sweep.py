@@ -11,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from . import runner
 from .config import ConfigError, fingerprint, load_config, parse_override, read_yaml
 from .log import echo
 from .store import atomic_file, atomic_write_bytes, atomic_write_json
@@ -69,8 +70,6 @@ def validate(config: str, overrides: tuple[str, ...], grid: dict[str, list]) -> 
 
 def run_sweep(config: str, overrides: tuple[str, ...], grid: dict[str, list], store, ray_address=None,
               workers=None, log=echo, verbose: bool = False) -> Path:
-    from . import runner
-
     cfgs = validate(config, overrides, grid)
     combos = combinations(grid)
     rows = []

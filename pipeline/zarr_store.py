@@ -14,22 +14,22 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, BloscShuffle
+
+from .store import StoreError, require_intact
 
 GROUP = "acts.zarr"
 META_ARRAYS = {"label": "int64", "kind": "uint8", "index": "int64"}
 
 
 def _codec(clevel: int):
-    from zarr.codecs import BloscCodec, BloscShuffle
-
     return BloscCodec(cname="zstd", clevel=clevel, shuffle=BloscShuffle.bitshuffle)
 
 
 def create(root: Path, *, n_rows: int, shapes: dict[str, tuple[int, ...]], dtype: str, chunk_rows: int,
            clevel: int, attrs: dict) -> None:
     """Create the group and every array (metadata only; no chunk is written)."""
-    import zarr
-
     group = zarr.open_group(str(root / GROUP), mode="w", attributes=attrs)
     for name, shape in shapes.items():
         group.create_array(name, shape=(n_rows, *shape), chunks=(chunk_rows, *shape), dtype=dtype,
@@ -43,8 +43,6 @@ def open_array(root: Path, name: str, mode: str = "r"):
     """Every chunk is written, also one equal to the fill value (all-zero labels or ReLU maps): receipts and
     manifests list every chunk file. zarr 3.1 ignores ``open_array(config=...)`` for this; the global config at
     open time is what the array keeps."""
-    import zarr
-
     with zarr.config.set({"array.write_empty_chunks": True}):
         return zarr.open_array(str(root / GROUP / name), mode=mode)
 
@@ -69,8 +67,6 @@ class ActivationReader:
     """Read rows of selected layers (plus label/kind/index), verifying each chunk file once before use."""
 
     def __init__(self, out, layers: list[str] | None = None):
-        from .store import StoreError
-
         self.out = out
         manifest = out.manifest()
         self.records = {r["name"]: r for r in manifest["files"]}
@@ -86,8 +82,6 @@ class ActivationReader:
         self._verified: set[str] = set()
 
     def _verify(self, name: str, lo: int, hi: int) -> None:
-        from .store import require_intact
-
         arr = self.arrays[name]
         for p in chunk_files(self.out.dir, name, arr.ndim, lo // self.chunk_rows, -(-hi // self.chunk_rows)):
             key = str(p.relative_to(self.out.dir))
@@ -95,8 +89,6 @@ class ActivationReader:
                 continue
             rec = self.records.get(key)
             if rec is None:
-                from .store import StoreError
-
                 raise StoreError(f"{p}: chunk not listed in the manifest")
             require_intact(self.out, rec)
             self._verified.add(key)

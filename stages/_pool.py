@@ -10,10 +10,12 @@ from __future__ import annotations
 import time
 import warnings
 
-from pipeline.cluster import device_for, worker_resources
+import numpy as np
+
+from pipeline.cluster import cluster_gpus, device_for, worker_resources
+from pipeline.context import Context
 from pipeline.errors import UserError, find_user_error, one_line
 from pipeline.log import Progress, human_bytes
-from pipeline.context import Context
 from pipeline.store import Output
 
 
@@ -25,8 +27,6 @@ class UnitWorker:
     """
 
     def __call__(self, batch: dict) -> dict:
-        import numpy as np
-
         rows = {"unit": [], "items": [], "bytes": [], "error": [], "code": []}
         for i in range(len(batch["unit"])):
             unit = {k: (v[i].item() if hasattr(v[i], "item") else v[i]) for k, v in batch.items()}
@@ -50,8 +50,6 @@ class UnitWorker:
 
 
 def pool_size(ctx: Context, n_units: int) -> int:
-    from pipeline.cluster import cluster_gpus
-
     wanted = ctx.workers or max(1, cluster_gpus())
     return max(1, min(wanted, n_units))
 

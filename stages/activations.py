@@ -11,12 +11,18 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from pipeline import zarr_store
 from pipeline.attacks import KINDS
-from pipeline.config import fingerprint, key_fields, to_dict
+from pipeline.config import ActivationsConfig, fingerprint, key_fields, to_dict
 from pipeline.context import Context, cached_layers, classifier_identity
-from pipeline.models import classifier_payload, from_payload
-from pipeline.store import Output, atomic_write_json
+from pipeline.data import info
+from pipeline.models import build_classifier, classifier_payload
+from pipeline.models.hooks import forward_with_activations
+from pipeline.precision import autocast
+from pipeline.shards import read_shard_arrays
+from pipeline.store import Output, atomic_write_json, file_record, require_intact
 
 from . import _pool
 
@@ -40,23 +46,17 @@ def key(ctx: Context) -> str:
 class ActivationWorker(_pool.UnitWorker):
     """Ray Data actor: holds the classifier; turns one attack shard into its rows of every Zarr array."""
 
-    def __init__(self, model_box, out_dir: str, attacks_dir: str, layers: list[str], params: dict, device: str,
-                 threads: int):
-        import torch
-
+    def __init__(self, model_box, out_dir: str, attacks_dir: str, layers: list[str], acts: ActivationsConfig,
+                 device: str, threads: int):
         torch.set_num_threads(threads)
         self.device = device
-        self.model = from_payload(_pool.unbox(model_box), device)
+        self.model = _pool.unbox(model_box).build(device)
         self.out = Output(Path(out_dir), "activations", "")
         self.attacks = Output(Path(attacks_dir), "attacks", "")
         self.records = {r["name"]: r for r in self.attacks.manifest()["files"]}  # read once per actor
-        self.layers, self.p = layers, params
+        self.layers, self.p = layers, acts
 
     def do_unit(self, u: dict) -> dict:
-        from pipeline import zarr_store
-        from pipeline.shards import read_shard_arrays
-        from pipeline.store import require_intact
-
         unit, file, start_row, rows = str(u["unit"]), str(u["file"]), int(u["start_row"]), int(u["rows"])
         t0 = time.perf_counter()
         require_intact(self.attacks, self.records[file])
@@ -67,7 +67,7 @@ class ActivationWorker(_pool.UnitWorker):
         kind_ids = np.array([KINDS.index(k) for k in data["kind"]], dtype=np.uint8)
         zarr_store.write_rows(self.out.dir, start_row, {**acts, "label": data["label"], "kind": kind_ids,
                                                         "index": data["index"]})
-        cr = self.p["chunk_rows"]
+        cr = self.p.chunk_rows
         lo, hi = start_row // cr, -(-(start_row + rows) // cr)
         files = [p for name in self.layers for p in zarr_store.chunk_files(self.out.dir, name, 4, lo, hi)]
         files += [p for name in zarr_store.META_ARRAYS for p in zarr_store.chunk_files(self.out.dir, name, 1, lo, hi)]
@@ -75,18 +75,13 @@ class ActivationWorker(_pool.UnitWorker):
                                       seconds=time.perf_counter() - t0)
 
     def forward(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        import torch
-
-        from pipeline.models.hooks import forward_with_activations
-        from pipeline.precision import autocast
-
-        dtype = np.dtype(self.p["dtype"])
+        dtype = np.dtype(self.p.dtype)
         parts: dict[str, list[np.ndarray]] = {name: [] for name in self.layers}
-        bs = self.p["batch_size"]
+        bs = self.p.batch_size
         with torch.no_grad():
             for i in range(0, len(images), bs):
                 x = torch.from_numpy(images[i:i + bs]).to(self.device)
-                with autocast(self.p["precision"], self.device):
+                with autocast(self.p.precision, self.device):
                     _, acts = forward_with_activations(self.model, x, self.layers)
                 for name, a in zip(self.layers, acts):
                     parts[name].append(a.float().cpu().numpy().astype(dtype))
@@ -94,14 +89,7 @@ class ActivationWorker(_pool.UnitWorker):
 
 
 def _layer_shapes(ctx: Context, layers: list[str]) -> dict[str, tuple[int, ...]]:
-    import torch
-
-    from pipeline.data import info
-    from pipeline.models.hooks import forward_with_activations
-
     up = ctx.upstream("classifier").manifest()
-    from pipeline.models import build_classifier
-
     model = build_classifier(up["arch"], ctx.cfg.data.dataset, up["activation"]).eval()
     meta = info(ctx.cfg.data.dataset)
     with torch.no_grad():
@@ -110,8 +98,6 @@ def _layer_shapes(ctx: Context, layers: list[str]) -> dict[str, tuple[int, ...]]
 
 
 def run(ctx: Context, out: Output) -> None:
-    from pipeline import zarr_store
-
     cfg, a = ctx.cfg, ctx.cfg.activations
     t0 = time.perf_counter()
     attacks = ctx.upstream("attacks")
@@ -138,16 +124,13 @@ def run(ctx: Context, out: Output) -> None:
         done_items=sum(u["rows"] for u in units if u["unit"] in done), unit_name="rows",
         worker_kwargs={"model_box": _pool.ref_box(classifier_payload(ctx.upstream("classifier"), cfg.data.dataset)),
                        "out_dir": str(out.dir), "attacks_dir": str(attacks.dir), "layers": layers,
-                       "params": {"dtype": a.dtype, "batch_size": a.batch_size, "chunk_rows": a.chunk_rows,
-                                  "precision": a.precision}})
+                       "acts": a})
     receipts = {r["unit"]: r for r in out.receipts()}
     missing = [u["unit"] for u in units if u["unit"] not in receipts]
     if missing:
         raise RuntimeError(f"[activations] units {missing[:3]} produced no receipt")
     files = [f for r in receipts.values() for f in r["files"]]
     atomic_write_json(out.dir / "layout.json", attrs)
-    from pipeline.store import file_record
-
     files.append(file_record(out.dir, out.dir / "layout.json"))
     out.finalize(config={"activations": to_dict(a)},
                  inputs={"attacks": attacks.key,

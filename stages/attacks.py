@@ -11,10 +11,15 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from pipeline.attacks import KINDS
-from pipeline.config import fingerprint, key_fields, to_dict
+import torch
+
+from pipeline.attacks import KINDS, training_mix
+from pipeline.config import AttackConfig, fingerprint, key_fields, to_dict
 from pipeline.context import Context, classifier_identity, data_identity
-from pipeline.models import classifier_payload, from_payload
+from pipeline.data import info, load_split, to_float
+from pipeline.models import classifier_payload
+from pipeline.precision import wrap
+from pipeline.shards import write_shard
 from pipeline.store import Output, array_sha256
 
 from . import _pool
@@ -22,8 +27,6 @@ from . import _pool
 
 def effective_eps(cfg) -> float:
     """attack.eps in pixel space, or divided by the dataset's mean per-channel std (the authors' code)."""
-    from pipeline.data import info
-
     if cfg.attack.eps_scaling == "pixel":
         return cfg.attack.eps
     std = info(cfg.data.dataset).std
@@ -37,8 +40,6 @@ def n_examples(cfg, n_train: int | None = None) -> int:
 
 
 def _split_size(cfg) -> int:
-    from pipeline.data import load_split
-
     return len(load_split(cfg.data.dataset, "train", cfg.data.data_dir, cfg.data.train_subset)[1])
 
 
@@ -60,48 +61,35 @@ def shard_name(k: int) -> str:
 class AttackWorker(_pool.UnitWorker):
     """Ray Data actor: holds the classifier and the training images; turns one unit into one shard."""
 
-    def __init__(self, model_box, data_box, out_dir: str, params: dict, device: str, threads: int):
-        import torch
-
+    def __init__(self, model_box, data_box, out_dir: str, attack: AttackConfig, eps: float, device: str, threads: int):
         torch.set_num_threads(threads)
         self.device = device
-        self.model = from_payload(_pool.unbox(model_box), device)
+        self.model = _pool.unbox(model_box).build(device)
         self.x, self.y = _pool.unbox(data_box)
         self.out = Output(Path(out_dir), "attacks", "")
-        self.p = params
+        self.p, self.eps = attack, eps  # eps: attack.eps in pixel space (effective_eps)
 
     def do_unit(self, u: dict) -> dict:
-        from pipeline.shards import write_shard
-
         unit, start, stop = str(u["unit"]), int(u["start"]), int(u["stop"])
         t0 = time.perf_counter()
-        mixes = [self.attack_batch(i, min(i + self.p["batch_size"], stop))
-                 for i in range(start, stop, self.p["batch_size"])]
+        mixes = [self.attack_batch(i, min(i + self.p.batch_size, stop)) for i in range(start, stop, self.p.batch_size)]
         path = self.out.dir / f"{unit}.tar"
         n = write_shard(path, (s for mix in mixes for s in mix))
         return self.out.write_receipt(unit, [path], samples=n, examples=[start, stop],
                                       seconds=time.perf_counter() - t0)
 
     def attack_batch(self, i: int, j: int) -> list[tuple]:
-        import torch
-
-        from pipeline.attacks import training_mix
-        from pipeline.data import to_float
-        from pipeline.precision import wrap
-
         x = to_float(self.x[i:j]).to(self.device)
         y = self.y[i:j].to(self.device)
         idx = torch.arange(i, j)
-        mix = training_mix(wrap(self.model, self.p["precision"], self.device), x, y, idx, eps=self.p["eps"], pgd_steps=self.p["pgd_steps"],
-                           pgd_step_size=self.p["pgd_step_size"], random_start=self.p["random_start"],
-                           seed=self.p["seed"])
+        mix = training_mix(wrap(self.model, self.p.precision, self.device), x, y, idx, eps=self.eps,
+                           pgd_steps=self.p.pgd_steps, pgd_step_size=self.p.pgd_step_size,
+                           random_start=self.p.pgd_random_start, seed=self.p.seed)
         imgs = {k: v.cpu().numpy() for k, v in mix.items()}
         return [(int(idx[r]), int(y[r]), kind, imgs[kind][r]) for r in range(j - i) for kind in KINDS]
 
 
 def run(ctx: Context, out: Output) -> None:
-    from pipeline.data import load_split
-
     cfg = ctx.cfg
     t0 = time.perf_counter()
     x, y = load_split(cfg.data.dataset, "train", cfg.data.data_dir, cfg.data.train_subset)
@@ -112,17 +100,16 @@ def run(ctx: Context, out: Output) -> None:
                  for k, s in enumerate(range(0, n, S))]
     done = out.done_units()
     todo = [u for u in all_units if u["unit"] not in done]
-    params = {"eps": effective_eps(cfg), "pgd_steps": cfg.attack.pgd_steps, "pgd_step_size": cfg.attack.pgd_step_size,
-              "random_start": cfg.attack.pgd_random_start, "seed": cfg.attack.seed, "batch_size": cfg.attack.batch_size,
-              "precision": cfg.attack.precision}
-    ctx.log(f"[attacks] {n} examples x 5 (clean, FGSM eps/2, FGSM eps, PGD eps/2, PGD eps) at eps={params['eps']:.6g}, "
-            f"PGD {params['pgd_steps']} steps of {params['pgd_step_size']:g}")
+    eps = effective_eps(cfg)
+    ctx.log(f"[attacks] {n} examples x 5 (clean, FGSM eps/2, FGSM eps, PGD eps/2, PGD eps) at eps={eps:.6g}, "
+            f"PGD {cfg.attack.pgd_steps} steps of {cfg.attack.pgd_step_size:g}")
     ctx.ray()
     summary = _pool.run_units(
         ctx, out, stage="attacks", worker_cls=AttackWorker, units=todo, total_items=n,
         done_items=sum(u["stop"] - u["start"] for u in all_units if u["unit"] in done),
         worker_kwargs={"model_box": _pool.ref_box(classifier_payload(ctx.upstream("classifier"), cfg.data.dataset)),
-                       "data_box": _pool.ref_box((x, y)), "out_dir": str(out.dir), "params": params})
+                       "data_box": _pool.ref_box((x, y)), "out_dir": str(out.dir), "attack": cfg.attack,
+                       "eps": eps})
     receipts = {r["unit"]: r for r in out.receipts()}
     missing = [u["unit"] for u in all_units if u["unit"] not in receipts]
     if missing:
@@ -134,5 +121,5 @@ def run(ctx: Context, out: Output) -> None:
                  files=files,
                  counts={"examples": n, "samples": 5 * n, "shards": len(all_units), "shard_size": S},
                  timings={"total_s": time.perf_counter() - t0, "this_run": summary},
-                 extra={"eps": params["eps"], "kinds": list(KINDS),
+                 extra={"eps": eps, "kinds": list(KINDS),
                         "units": [{"unit": u["unit"], "start": u["start"], "stop": u["stop"]} for u in all_units]})

@@ -11,11 +11,24 @@ import os
 import time
 from pathlib import Path
 
-from pipeline.config import fingerprint
-from pipeline.log import Follow
-from pipeline.context import Context, data_identity
-from pipeline.store import Output, array_sha256, atomic_write_json, file_record, sha256_file
+import torch
 
+from pipeline.adv_train import accuracy_under_pgd, adversarial_train
+from pipeline.cluster import device_for, worker_resources
+from pipeline.config import RunConfig, fingerprint, to_dict
+from pipeline.context import Context, data_identity
+from pipeline.data import load_split
+from pipeline.log import Follow
+from pipeline.models import (
+    ModelError,
+    build_classifier,
+    load_robustbench,
+    load_state_dict_file,
+    load_weights,
+    save_state_dict,
+    state_dict_hash,
+)
+from pipeline.store import Output, array_sha256, atomic_write_json, file_record, sha256_file
 
 # Code version of this stage, part of its store key (pipeline.context.Context.key): bump it whenever a change
 # alters what the stage writes.
@@ -32,8 +45,6 @@ def key(ctx: Context) -> str:
         ident["train"] = dataclasses.asdict(c.train)
         ident["data"] = data_identity(ctx.cfg, "train")
     elif c.source == "file":
-        from pipeline.models import ModelError
-
         try:
             ident["file_sha256"] = sha256_file(Path(c.path))
         except FileNotFoundError:
@@ -43,17 +54,10 @@ def key(ctx: Context) -> str:
     return fingerprint(ident)
 
 
-def _obtain(cfg_dict: dict, train_ref, test_ref, out_dir: str, device: str, threads: int, progress: str) -> dict:
+def _obtain(cfg: RunConfig, train_ref, test_ref, out_dir: str, device: str, threads: int, progress: str) -> dict:
     """Runs inside a Ray task: train or load, evaluate, save. Returns the metrics. Progress lines go to the file
     ``progress``, which the driver prints from (the task's own output stays in Ray's logs)."""
-    import torch
-
-    from pipeline.adv_train import accuracy_under_pgd, adversarial_train
-    from pipeline.config import RunConfig, build
-    from pipeline.models import build_classifier, load_robustbench, load_state_dict_file, load_weights, save_state_dict
-
     torch.set_num_threads(threads)
-    cfg = build(RunConfig, cfg_dict)
     c, t = cfg.classifier, cfg.classifier.train
     torch.manual_seed(t.seed)  # weight initialisation
     model = build_classifier(c.arch, cfg.data.dataset, c.activation)
@@ -85,11 +89,6 @@ def _append(path: str, line: str) -> None:
 def run(ctx: Context, out: Output) -> None:
     import ray
 
-    from pipeline.cluster import device_for, worker_resources
-    from pipeline.config import to_dict
-    from pipeline.data import load_split
-    from pipeline.models import build_classifier, load_state_dict_file, load_weights, state_dict_hash
-
     cfg = ctx.cfg
     t0 = time.perf_counter()
     train = load_split(cfg.data.dataset, "train", cfg.data.data_dir, cfg.data.train_subset) \
@@ -103,7 +102,7 @@ def run(ctx: Context, out: Output) -> None:
     progress = out.dir / f".progress.tmp-{os.getpid()}"  # a temporary: not part of the output
     try:
         with Follow(progress, ctx.log):
-            metrics = ray.get(task.remote(to_dict(cfg), train, test, str(out.dir), device_for(res),
+            metrics = ray.get(task.remote(cfg, train, test, str(out.dir), device_for(res),
                                           int(res["num_cpus"]), str(progress.resolve())))
     finally:
         progress.unlink(missing_ok=True)

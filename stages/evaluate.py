@@ -11,12 +11,31 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from pipeline import report
-from pipeline.config import fingerprint, key_fields, to_dict
+from pipeline.cluster import default_workers, device_for, worker_resources
+from pipeline.config import EvalConfig, fingerprint, key_fields, to_dict
 from pipeline.context import Context, classifier_identity, data_identity
+from pipeline.data import DataError, load_split, to_float
+from pipeline.defense import CarsoWeights
+from pipeline.evaluation import check_backend, classifier_baseline, evaluate_chunk
+from pipeline.log import Progress
 from pipeline.models import classifier_payload
-from pipeline.store import (Output, StoreError, atomic_file, atomic_write_json, file_record, read_sealed_json,
-                            write_sealed_json)
+from pipeline.models.purifier import PurifierSpec
+from pipeline.store import (
+    Output,
+    StoreError,
+    atomic_file,
+    atomic_write_json,
+    file_record,
+    read_sealed_json,
+    require_intact,
+    write_sealed_json,
+)
+from stages import _pool
+from stages._pool import unbox
 
 GRID_EXAMPLES = 8
 
@@ -41,29 +60,8 @@ def chunk_seed(seed: int, c: int) -> int:
     return seed * 100003 + c
 
 
-def _models(payloads: dict, ev, device: str):
-    import torch
-
-    from pipeline.defense import Carso
-    from pipeline.models import from_payload
-    from pipeline.models.purifier import from_spec
-
-    classifier = from_payload(payloads["classifier"], device)
-    purifier = from_spec(payloads["purifier_spec"])
-    purifier.load_state_dict(payloads["purifier_state"])
-    purifier = purifier.to(device).eval()
-    carso = Carso(classifier, purifier, payloads["purifier_spec"]["layers"], samples=ev.samples,
-                  aggregation=ev.aggregation, precision=ev.precision)
-    torch.set_grad_enabled(True)
-    return classifier, carso
-
-
 def _purifier_state(pur: Output) -> dict:
     """purifier.pt, checked against its manifest (size and sha256) before it is unpickled (weights only)."""
-    import torch
-
-    from pipeline.store import require_intact
-
     rec = next((r for r in pur.manifest()["files"] if r["name"] == "purifier.pt"), None)
     if rec is None:
         raise StoreError(f"{pur.manifest_path}: lists no purifier.pt")
@@ -82,21 +80,14 @@ def baseline_path(ctx: Context, lo: int, hi: int, seed: int) -> Path:
     return ctx.store.root / ctx.cfg.data.dataset / "baseline" / f"{k}.json"
 
 
-def evaluate_task(payload_box, data_box, out_dir: str, c: int, lo: int, hi: int, cfg_dict: dict, device: str,
+def evaluate_task(weights_box, data_box, out_dir: str, c: int, lo: int, hi: int, ev: EvalConfig, device: str,
                   threads: int, baseline_file: str) -> dict:
     """One chunk, inside a Ray task: evaluate (reusing the classifier baseline when it is known), write the chunk
     file and its receipt."""
-    import numpy as np
-    import torch
-
-    from pipeline.config import EvalConfig, build
-    from pipeline.data import to_float
-    from pipeline.evaluation import classifier_baseline, evaluate_chunk
-    from stages._pool import unbox
-
     torch.set_num_threads(threads)
-    ev = build(EvalConfig, cfg_dict)
-    classifier, carso = _models(unbox(payload_box), ev, device)
+    classifier, carso = unbox(weights_box).build(device, samples=ev.samples, aggregation=ev.aggregation,
+                                                 precision=ev.precision)
+    torch.set_grad_enabled(True)
     x, y = unbox(data_box)
     t0 = time.perf_counter()
     xc, yc, seed = to_float(x[lo:hi]), y[lo:hi], chunk_seed(ev.seed, c)
@@ -127,13 +118,6 @@ def evaluate_task(payload_box, data_box, out_dir: str, c: int, lo: int, hi: int,
 def run(ctx: Context, out: Output) -> None:
     import ray
 
-    from pipeline.cluster import default_workers, device_for, worker_resources
-    from pipeline.data import DataError, load_split
-    from pipeline.log import Progress
-    from stages import _pool
-
-    from pipeline.evaluation import check_backend
-
     cfg, ev = ctx.cfg, ctx.cfg.eval
     check_backend(ev.backend)
     t0 = time.perf_counter()
@@ -157,8 +141,8 @@ def run(ctx: Context, out: Output) -> None:
     # Default: every GPU, or every CPU core (one single-threaded chunk per core): chunks are independent.
     workers = max(1, min(ctx.workers or default_workers(), max(1, len(todo))))
     res = worker_resources(workers)
-    payloads = {"classifier": classifier_payload(ctx.upstream("classifier"), cfg.data.dataset), "purifier_spec": pur.manifest()["model"],
-                "purifier_state": _purifier_state(pur)}
+    weights = CarsoWeights(classifier_payload(ctx.upstream("classifier"), cfg.data.dataset),
+                           PurifierSpec.from_json(pur.manifest()["model"]), _purifier_state(pur))
     ctx.log(f"[evaluate] {n} test points in {len(chunks)} chunk(s) on {workers} worker(s) ({device_for(res)}), "
             f"eps {ev.eps:g}; randAA {ev.aa_steps} steps x EOT {ev.aa_eot}; PGD+EOT {ev.pgd_eot_steps} x "
             f"{ev.pgd_eot_step_size:g}, EOT {ev.pgd_eot_iters}; {ev.samples} samples/input, {ev.aggregation} aggregation")
@@ -166,10 +150,10 @@ def run(ctx: Context, out: Output) -> None:
         ctx.log(f"[evaluate] {len(todo)} chunk(s) to run for {ctx.workers} workers: a chunk is the unit of "
                 f"parallelism, so a smaller eval.chunk_size would use them all (it changes the key and the seeds)")
     task = ray.remote(evaluate_task).options(num_cpus=res["num_cpus"], num_gpus=res["num_gpus"], max_retries=1)
-    pbox, dbox = _pool.ref_box(payloads), _pool.ref_box((x, y))
+    wbox, dbox = _pool.ref_box(weights), _pool.ref_box((x, y))
     progress = Progress("evaluate", n, "points", every=0, log=ctx.log)  # chunks take minutes
     progress.done = sum(hi - lo for c, lo, hi in chunks if f"chunk-{c:04d}" in done)
-    pending = [task.remote(pbox, dbox, str(out.dir), c, lo, hi, to_dict(ev), device_for(res), int(res["num_cpus"]),
+    pending = [task.remote(wbox, dbox, str(out.dir), c, lo, hi, ev, device_for(res), int(res["num_cpus"]),
                            str(baseline_path(ctx, first + lo, first + hi, chunk_seed(ev.seed, c)).resolve()))
                for c, lo, hi in todo]
     training = pur.manifest()["final_metrics"]

@@ -9,17 +9,27 @@ from the store's latest checkpoint, bit-identical to an uninterrupted run with t
 """
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import time
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
+
+from pipeline.balanced import BalancedBatches, steps_per_epoch, worker_kinds
+from pipeline.cluster import cluster_gpus, cpus_per_node
 from pipeline.config import fingerprint, key_fields, to_dict
 from pipeline.context import Context, classifier_identity, conditioning_layers
+from pipeline.data import info
+from pipeline.errors import UserError, find_user_error, one_line
 from pipeline.log import Follow
 from pipeline.models import classifier_payload
-from pipeline.models.purifier import from_spec
-from pipeline.store import Output, atomic_write_json, file_record
+from pipeline.models.purifier import PurifierSpec
+from pipeline.purifier_train import TrainJob, build_optimizer, epoch_record, slow_state_dict, train_epoch
+from pipeline.sizing import layer_shapes
+from pipeline.store import Output, StoreError, atomic_write_bytes, atomic_write_json, file_record, require_intact
 
 CKPT_DIR = "checkpoints"
 
@@ -64,10 +74,6 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 def read_checkpoint(out_dir: Path, path: Path) -> dict:
     """A checkpoint, checked against the size and sha256 recorded when it was written (``_units/epoch-N.json``),
     then read with ``weights_only=True``."""
-    import torch
-
-    from pipeline.store import StoreError, require_intact
-
     out = Output(out_dir, "purifier", "")
     receipt = out.unit_receipt(path.stem)
     if not receipt.is_file():
@@ -83,26 +89,23 @@ def read_checkpoint(out_dir: Path, path: Path) -> dict:
 WORKER_ERROR = ".worker-error.json"
 
 
-def train_loop(spec: dict) -> None:
-    """Ray Train's entry point on every worker. A user error (a corrupt shard, a bad store file) is written to
-    ``<out>/.worker-error.json`` for the driver to print as one line, then raised so Ray Train stops."""
-    from pipeline.errors import find_user_error, one_line
-    from pipeline.store import atomic_write_bytes
-
+def train_loop(config: dict) -> None:
+    """Ray Train's entry point on every worker (``config["job"]``: the ``TrainJob``). A user error (a corrupt shard,
+    a bad store file) is written to ``<out>/.worker-error.json`` for the driver to print as one line, then raised
+    so Ray Train stops."""
+    job: TrainJob = config["job"]
     try:
-        _train(spec)
+        _train(job)
     except Exception as exc:
         err = find_user_error(exc)
         if err is not None:
-            atomic_write_bytes(Path(spec["out_dir"]) / WORKER_ERROR,
+            atomic_write_bytes(Path(job.out_dir) / WORKER_ERROR,
                                json.dumps({"message": one_line(err), "exit_code": err.exit_code}).encode())
         raise
 
 
 def _raise_worker_error(out_dir: Path) -> None:
     """Re-raise, as one UserError line, the user error a Ray Train worker recorded (see ``train_loop``)."""
-    from pipeline.errors import UserError
-
     path = out_dir / WORKER_ERROR
     if path.is_file():
         rec = json.loads(path.read_text())
@@ -112,49 +115,36 @@ def _raise_worker_error(out_dir: Path) -> None:
         raise err
 
 
-def _train(spec: dict) -> None:
-    import io
-
+def _train(job: TrainJob) -> None:
     import ray.train
     import ray.train.torch
-    import torch
-    import torch.distributed as dist
-
-    from pipeline.balanced import BalancedBatches, ShardLoader
-    from pipeline.config import PurifierConfig, build
-    from pipeline.purifier_train import build_optimizer, epoch_record, slow_state_dict, train_epoch
-
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(spec["threads"])
-    torch.manual_seed(spec["purifier"]["seed"] + rank)
+    p, out_dir = job.purifier, Path(job.out_dir)
+    torch.set_num_threads(job.threads)
+    torch.manual_seed(p.seed + rank)
     device = ray.train.torch.get_device()
-    p = build(PurifierConfig, spec["purifier"])
-    model = ray.train.torch.prepare_model(from_spec(spec["model"]).to(device))
+    model = ray.train.torch.prepare_model(job.model.build().to(device))
     opt = build_optimizer(model, p)
     start, history = 0, []
     # Resume from the newest checkpoint in the store, the one the driver named (rank 0 writes it before reporting
     # to Ray Train, so it is never older than Ray Train's): after a driver re-run and after a Ray Train restart
     # alike. With every random state restored, the result is bit-identical to an uninterrupted run.
-    path = latest_checkpoint(Path(spec["out_dir"]))
+    path = latest_checkpoint(out_dir)
     if path is not None:
-        state = read_checkpoint(Path(spec["out_dir"]), path)
+        state = read_checkpoint(out_dir, path)
         (model.module if hasattr(model, "module") else model).load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start, history = state["epoch"] + 1, state["history"]
         restore_rng(state.get("rng"), rank, world)
-    classifier = None
-    if spec["source"] == "recompute":
-        from pipeline.models import from_payload
-
-        classifier = from_payload(spec["classifier"], str(device))
-    batches = BalancedBatches(ShardLoader(spec), len(spec["examples_per_shard"]), batch_size=p.batch_size,
-                              adv_fraction=p.adv_fraction, workers=world, rank=rank, steps=spec["steps"],
-                              buffer_examples=spec["buffer_examples"], seed=p.seed)
+    classifier = job.classifier.build(str(device)) if job.source == "recompute" else None
+    batches = BalancedBatches(job.shard_loader(), len(job.examples_per_shard), batch_size=p.batch_size,
+                              adv_fraction=p.adv_fraction, workers=world, rank=rank, steps=job.steps,
+                              buffer_examples=job.buffer_examples, seed=p.seed)
     for epoch in range(start, p.epochs):
         t0 = time.perf_counter()
-        sums = train_epoch(model, opt, batches.epoch(epoch), epoch, p, device, layers=spec["layers"],
-                           dtype=spec["dtype"], classifier=classifier, act_precision=spec["act_precision"])
+        sums = train_epoch(model, opt, batches.epoch(epoch), epoch, p, device, layers=job.layers,
+                           dtype=job.dtype, classifier=classifier, act_precision=job.act_precision)
         if dist.is_available() and dist.is_initialized():
             for t in sums.values():
                 dist.all_reduce(t)
@@ -166,16 +156,13 @@ def _train(spec: dict) -> None:
                      "history": history, "rng": rng}
             buf = io.BytesIO()
             torch.save(state, buf)
-            _store_checkpoint(Path(spec["out_dir"]), epoch, buf.getvalue(), history)
+            _store_checkpoint(out_dir, epoch, buf.getvalue(), history)
         ray.train.report({k: v for k, v in history[-1].items() if k != "kl_per_dim"})
 
 
 def gather_rng(world: int) -> list[dict]:
     """Every worker's torch random state (CPU, and CUDA where used), gathered to all ranks. Batch order needs none:
     it is a function of (seed, epoch, rank) (pipeline/balanced.py)."""
-    import torch
-    import torch.distributed as dist
-
     mine = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         mine["cuda"] = torch.cuda.get_rng_state()
@@ -189,8 +176,6 @@ def gather_rng(world: int) -> list[dict]:
 def restore_rng(rng: list[dict] | None, rank: int, world: int) -> None:
     """Set this worker's random state from a checkpoint written with the same number of workers (otherwise the
     seeds of the run's start stay: a resume on another worker count is valid but not bit-identical)."""
-    import torch
-
     if not rng or len(rng) != world:
         return
     torch.set_rng_state(rng[rank]["cpu"])
@@ -201,8 +186,6 @@ def restore_rng(rng: list[dict] | None, rank: int, world: int) -> None:
 def _store_checkpoint(out_dir: Path, epoch: int, state: bytes, history: list[dict]) -> None:
     """Rank 0: the epoch's checkpoint into the store (atomically, then its receipt), metrics.jsonl rewritten from
     the checkpoint's history (so a kill between the two writes never leaves a gap), old checkpoints pruned."""
-    from pipeline.store import atomic_write_bytes
-
     d = out_dir / CKPT_DIR
     d.mkdir(parents=True, exist_ok=True)
     path = d / f"epoch-{epoch:04d}.pt"
@@ -216,32 +199,25 @@ def _store_checkpoint(out_dir: Path, epoch: int, state: bytes, history: list[dic
 
 
 def write_metrics(out_dir: Path, history: list[dict]) -> None:
-    from pipeline.store import atomic_write_bytes
-
     atomic_write_bytes(out_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history).encode())
 
 
 # --------------------------------------------------------------------------------------------------
 # Driver
 # --------------------------------------------------------------------------------------------------
-def model_spec(ctx: Context, layers: list[str]) -> dict:
-    from pipeline.data import info
-    from pipeline.sizing import layer_shapes
-
+def model_spec(ctx: Context, layers: list[str]) -> PurifierSpec:
+    """The purifier the config asks for, conditioned on ``layers`` of the stored classifier."""
     up = ctx.upstream("classifier").manifest()
     meta, p = info(ctx.cfg.data.dataset), ctx.cfg.purifier
     shapes = layer_shapes(up["arch"], ctx.cfg.data.dataset, up["activation"], layers)
-    return {"image_shape": [meta.channels, meta.size, meta.size], "layer_shapes": {k: list(v) for k, v in shapes.items()},
-            "layers": layers, "fc_repr": p.fc_repr, "f_joint": p.f_joint, "encoder_convs": p.encoder_convs,
-            "mean": list(meta.mean), "std": list(meta.std)}
+    return PurifierSpec(image_shape=(meta.channels, meta.size, meta.size),
+                        layer_shapes=tuple((k, tuple(shapes[k])) for k in layers), fc_repr=p.fc_repr,
+                        f_joint=p.f_joint, encoder_convs=p.encoder_convs, mean=tuple(meta.mean), std=tuple(meta.std))
 
 
 def run(ctx: Context, out: Output) -> None:
     import ray.train
     from ray.train.torch import TorchTrainer
-
-    from pipeline.balanced import steps_per_epoch, worker_kinds
-    from pipeline.cluster import cluster_gpus, cpus_per_node
 
     cfg, p = ctx.cfg, ctx.cfg.purifier
     t0 = time.perf_counter()
@@ -255,21 +231,17 @@ def run(ctx: Context, out: Output) -> None:
     worker_kinds(p.batch_size, p.adv_fraction, workers, 0)  # validates divisibility before launching
     steps = steps_per_epoch(examples, p.batch_size, workers)
     if steps == 0:
-        from pipeline.store import StoreError
-
         raise StoreError(f"purifier.batch_size={p.batch_size}: not one full batch per worker from {sum(examples)} "
                          f"examples on {workers} worker(s)")
     threads = 1 if gpus else max(1, cpus_per_node() // workers)
-    spec = {"purifier": to_dict(p), "model": model_spec(ctx, layers), "layers": layers, "source": p.activations_source,
-            "attacks_dir": str(attacks.dir.resolve()), "dtype": cfg.activations.dtype,
-            "act_precision": cfg.activations.precision, "out_dir": str(out.dir.resolve()),
-            "examples_per_shard": examples, "steps": steps, "threads": threads,
-            "buffer_examples": max(p.batch_size // workers, min(4 * cfg.attack.shard_size, sum(examples) // workers // 2)),
-            "cache_bytes": 2 * 1024 ** 3}
-    if p.activations_source == "cache":
-        spec["activations_dir"] = str(ctx.upstream("activations").dir.resolve())
-    else:
-        spec["classifier"] = classifier_payload(ctx.upstream("classifier"), cfg.data.dataset)
+    cache = p.activations_source == "cache"
+    job = TrainJob(purifier=p, model=model_spec(ctx, layers), source=p.activations_source,
+                   attacks_dir=str(attacks.dir.resolve()), out_dir=str(out.dir.resolve()),
+                   examples_per_shard=tuple(examples), steps=steps, threads=threads,
+                   buffer_examples=max(p.batch_size // workers, min(4 * cfg.attack.shard_size, sum(examples) // workers // 2)),
+                   cache_bytes=2 * 1024 ** 3, dtype=cfg.activations.dtype, act_precision=cfg.activations.precision,
+                   activations_dir=str(ctx.upstream("activations").dir.resolve()) if cache else None,
+                   classifier=None if cache else classifier_payload(ctx.upstream("classifier"), cfg.data.dataset))
     latest = latest_checkpoint(out.dir)
     if latest is not None:  # the workers resume from this same file (train_loop)
         ctx.log(f"[purifier] resuming from {latest.name}")
@@ -277,7 +249,7 @@ def run(ctx: Context, out: Output) -> None:
             f"{p.batch_size} ({p.batch_size // workers}/worker, adversarial fraction {p.adv_fraction}), "
             f"{steps} steps/epoch, {p.epochs} epochs, layers: {', '.join(layers)}")
     trainer = TorchTrainer(
-        train_loop, train_loop_config=spec,
+        train_loop, train_loop_config={"job": job},
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=bool(gpus),
                                                resources_per_worker={"CPU": threads}),
         run_config=ray.train.RunConfig(name=f"purifier-{out.key}", storage_path=str((out.dir / "ray_train").resolve()),
@@ -293,7 +265,7 @@ def run(ctx: Context, out: Output) -> None:
             _raise_worker_error(out.dir)  # a user error inside a worker: one line, not Ray Train's traceback
             raise
     _raise_worker_error(out.dir)
-    _finalize(ctx, out, spec, time.perf_counter() - t0)
+    _finalize(ctx, out, job, time.perf_counter() - t0)
 
 
 def epoch_line(rec: dict, p) -> str:
@@ -303,13 +275,7 @@ def epoch_line(rec: dict, p) -> str:
             f"{rec['data_wait_s']:.1f} s of {rec['seconds']:.1f} s on data")
 
 
-def _finalize(ctx: Context, out: Output, spec: dict, seconds: float) -> None:
-    import io
-
-    import torch
-
-    from pipeline.store import atomic_write_bytes
-
+def _finalize(ctx: Context, out: Output, job: TrainJob, seconds: float) -> None:
     state = read_checkpoint(out.dir, latest_checkpoint(out.dir))
     if state["epoch"] + 1 != ctx.cfg.purifier.epochs:
         raise RuntimeError(f"[purifier] training stopped at epoch {state['epoch'] + 1} of {ctx.cfg.purifier.epochs}")
@@ -317,16 +283,16 @@ def _finalize(ctx: Context, out: Output, spec: dict, seconds: float) -> None:
     buf = io.BytesIO()
     torch.save(state["slow_model"], buf)  # Lookahead's slow weights (pipeline/purifier_train.py)
     atomic_write_bytes(out.dir / "purifier.pt", buf.getvalue())
-    atomic_write_json(out.dir / "purifier.json", spec["model"])
+    atomic_write_json(out.dir / "purifier.json", job.model.to_json())
     files = [file_record(out.dir, out.dir / n) for n in ("purifier.pt", "purifier.json", "metrics.jsonl")]
     hist = state["history"]
     out.finalize(config={"purifier": to_dict(ctx.cfg.purifier)},
-                 inputs={k: v for k, v in spec.items() if k in ("layers", "source")} | _source_key(ctx)
+                 inputs={"layers": job.layers, "source": job.source} | _source_key(ctx)
                  | {"attacks": ctx.upstream("attacks").key},
-                 files=files, counts={"epochs": len(hist), "steps_per_epoch": spec["steps"],
-                                      "parameters": sum(q.numel() for q in from_spec(spec["model"]).parameters())},
+                 files=files, counts={"epochs": len(hist), "steps_per_epoch": job.steps,
+                                      "parameters": sum(q.numel() for q in job.model.build().parameters())},
                  timings={"total_s": seconds, "epoch_s": [h["seconds"] for h in hist]},
-                 extra={"final_metrics": hist[-1], "model": spec["model"]})
+                 extra={"final_metrics": hist[-1], "model": job.model.to_json()})
     ctx.log(f"[purifier] final epoch: loss {hist[-1]['loss']:.2f}, reconstruction {hist[-1]['reconstruction']:.2f}, "
             f"KL {hist[-1]['kl']:.2f} nats, active latent units {hist[-1]['active_units']}/{ctx.cfg.purifier.f_joint} "
             f"(average KL > 0.01 nats)")

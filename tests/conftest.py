@@ -1,18 +1,71 @@
-"""Shared fixtures: small on-disk datasets in every supported format, built by the tests themselves."""
+"""Shared fixtures: small on-disk datasets in every supported format, built by the tests themselves, and the two
+ways tests drive the pipeline: a ``Context`` on the test's own Ray (``make_ctx``) and the real CLI in a
+subprocess (``cli``, with ``cli_args`` for the usual config, store and overrides)."""
 from __future__ import annotations
 
 import gzip
-from contextlib import contextmanager
 import io
+import os
 import pickle
+import signal
 import struct
+import subprocess
+import sys
 import tarfile
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+CONFIG = "configs/fmnist.yaml"
+
+
+def cli(*args, cwd=REPO, **kw) -> subprocess.CompletedProcess:
+    """``pipeline ARGS`` in a subprocess, as a user runs it; output captured as text."""
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, cwd=cwd, **kw)
+
+
+def start_cli(*args, stderr=subprocess.DEVNULL) -> subprocess.Popen:
+    """``pipeline ARGS`` started in its own process group (so a test can kill it with everything it started)."""
+    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=stderr, text=True, start_new_session=True)
+
+
+def wait_for(root: Path, pattern: str, proc: subprocess.Popen, until=None) -> list[Path]:
+    """Block until files matching ``pattern`` under ``root`` exist (and satisfy ``until(found)``), polling while
+    ``proc`` runs: an event, not a deadline, so a slow machine only waits longer. [] if the run ended first."""
+    while proc.poll() is None:
+        found = sorted(root.glob(pattern))
+        if found and (until is None or until(found)):
+            return found
+        time.sleep(0.05)
+    return []
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def cli_args(store, data_dir, *extra, sets=(), config: str = CONFIG) -> list[str]:
+    """``--config``, ``--store`` and one ``--set`` per override: the data folder, ``sets`` (a module's usual
+    overrides, e.g. through ``functools.partial``), then ``extra``."""
+    pairs = [a for s in [f"data.data_dir={data_dir}", *sets, *extra] for a in ("--set", s)]
+    return ["--config", config, "--store", str(store), *pairs]
+
+
+def make_ctx(store, data_dir, *extra, sets=(), workers=None, log=None, config: str = CONFIG):
+    """A run context on ``config`` with the data folder, ``sets`` and ``extra`` as overrides, for a test that
+    connected Ray itself (``built_store`` or its own fixture)."""
+    from pipeline import runner
+    from pipeline.config import load_config
+
+    cfg = load_config(REPO / config, [f"data.data_dir={data_dir}", *sets, *extra])
+    return runner.Context(cfg=cfg, store=runner.store_root(store), workers=workers, log=log or (lambda m: None),
+                          ray_ready=True)
 
 
 def write_idx(path: Path, arr: np.ndarray, gz: bool = True) -> None:
@@ -108,7 +161,6 @@ def built_store(tmp_path_factory, make_ctx, data_dir, stages):
     connect(None, log=lambda m: None)
     root = tmp_path_factory.mktemp("store")
     ctx = make_ctx(root, data_dir)
-    ctx._ray_ready = True
     try:
         for stage in stages:
             runner.run(ctx, stage)

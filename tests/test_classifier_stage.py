@@ -1,15 +1,9 @@
 """The `classifier` stage end to end through the CLI, on a real local Ray instance and a real store."""
 import json
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import REPO
-
-
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, cwd=REPO)
+from tests.conftest import cli
 
 
 @pytest.mark.slow

@@ -1,10 +1,8 @@
-import subprocess
-import sys
 
 import pytest
 
 from pipeline.config import ConfigError, RunConfig, build, load_config
-from tests.conftest import REPO
+from tests.conftest import REPO, cli
 
 SHIPPED = sorted((REPO / "configs").glob("*.yaml"))
 
@@ -56,16 +54,12 @@ def test_cross_field_checks():
         build(RunConfig, {"purifier": {"epochs": 10}})
 
 
-def _cli(*args, cwd=REPO):
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, cwd=cwd)
-
-
 @pytest.mark.parametrize("extra,needle", [(["--set", "attack.eps=-1"], "attack.eps"),
                                           (["--set", "attack.bogus=1"], "attack.bogus"),
                                           (["--set", "attack.pgd_step_size=.inf"], "attack.pgd_step_size: must be a finite"),
                                           (["--set", "eval.eps=.nan"], "eval.eps: must be a finite")])
 def test_cli_config_errors_exit_2_one_line(tmp_path, extra, needle):
-    r = _cli("run", "--config", "configs/fmnist.yaml", "--stage", "classifier", "--store", str(tmp_path / "s"), *extra)
+    r = cli("run", "--config", "configs/fmnist.yaml", "--stage", "classifier", "--store", str(tmp_path / "s"), *extra)
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0] and "configs/fmnist.yaml" in lines[0]
@@ -73,21 +67,21 @@ def test_cli_config_errors_exit_2_one_line(tmp_path, extra, needle):
 
 
 def test_cli_missing_config_exit_2(tmp_path):
-    r = _cli("run", "--config", str(tmp_path / "nope.yaml"), "--stage", "classifier")
+    r = cli("run", "--config", str(tmp_path / "nope.yaml"), "--stage", "classifier")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "nope.yaml" in r.stderr
 
 
 def test_cli_help_lists_stages():
-    r = _cli("--help")
+    r = cli("--help")
     assert r.returncode == 0
     for stage in ("classifier", "attacks", "activations", "purifier", "evaluate", "all"):
         assert stage in r.stdout
-    r = _cli("run", "--help")
+    r = cli("run", "--help")
     for opt in ("--config", "--stage", "--set", "--ray-address", "--store"):
         assert opt in r.stdout
 
 
 def test_verify_on_a_missing_store_is_an_error(tmp_path):
-    r = _cli("verify", "--store", str(tmp_path / "nowhere"))
+    r = cli("verify", "--store", str(tmp_path / "nowhere"))
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "nowhere" in r.stderr
     assert not (tmp_path / "nowhere").exists()

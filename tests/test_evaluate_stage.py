@@ -1,18 +1,14 @@
 """The evaluate stage on a real local Ray instance, at reduced strength, on a small trained CARSO."""
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
+from functools import partial
 
 import pytest
 
 from pipeline import runner
-from pipeline.config import load_config
 from pipeline.errors import find_user_error, one_line
-from tests.conftest import REPO, built_store, make_fmnist
+from tests import conftest
+from tests.conftest import built_store, cli, cli_args, kill_group, make_fmnist, start_cli, wait_for
 
 SETS = ["attack.n_examples=null", "classifier.train.epochs=2", "classifier.train.batch_size=32", "data.test_subset=64", "attack.shard_size=64",
         "attack.batch_size=64", "attack.pgd_steps=3", "activations.chunk_rows=64", "purifier.batch_size=32",
@@ -28,11 +24,7 @@ def data_dir(tmp_path_factory):
     return make_fmnist(tmp_path_factory.mktemp("fx") / "fmnist", n_train=256, n_test=64)
 
 
-def make_ctx(store, data_dir, *extra, workers=None):
-    cfg = load_config(REPO / "configs/fmnist.yaml", [f"data.data_dir={data_dir}", *SETS, *extra])
-    ctx = runner.Context(cfg=cfg, store=runner.store_root(store), workers=workers, log=lambda m: None)
-    ctx._ray_ready = True
-    return ctx
+make_ctx = partial(conftest.make_ctx, sets=SETS)
 
 
 @pytest.fixture(scope="module")
@@ -100,36 +92,25 @@ def test_two_workers_equal_one_worker_and_outputs(store, data_dir, tmp_path):
 
 
 def _cli_args(store, data_dir):
-    sets = [a for s in [f"data.data_dir={data_dir}", *SETS, "eval.chunk_size=2"] for a in ("--set", s)]
-    return ["--config", "configs/fmnist.yaml", "--store", str(store), *sets]
+    return cli_args(store, data_dir, "eval.chunk_size=2", sets=SETS)
 
 
 @pytest.mark.slow
 def test_killed_evaluation_resumes_to_the_same_result(store, data_dir, tmp_path):
     copy = tmp_path / "store"
     shutil.copytree(store, copy, ignore=shutil.ignore_patterns("evaluate"))
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "--stage", "evaluate",
-                             *_cli_args(copy, data_dir)], cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline, found = time.time() + 240, []
-    while time.time() < deadline and proc.poll() is None:
-        found = list(copy.glob("fmnist/evaluate/*/_units/chunk-*.json"))
-        if found:
-            break
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert found, "no chunk finished before the kill"
+    proc = start_cli("run", "--stage", "evaluate", *_cli_args(copy, data_dir))
+    found = wait_for(copy, "fmnist/evaluate/*/_units/chunk-*.json", proc)
+    kill_group(proc)
+    assert found, "the evaluation ended before it finished a chunk"
     out_dir = found[0].parent.parent
     assert not (out_dir / "manifest.json").exists()
-    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "--stage", "evaluate",
-                        *_cli_args(copy, data_dir)], cwd=REPO, capture_output=True, text=True)
+    r = cli("run", "--stage", "evaluate", *_cli_args(copy, data_dir))
     assert r.returncode == 0, r.stderr[-2000:]
     assert "chunk(s) already finished" in r.stderr
     ref = tmp_path / "ref"
     shutil.copytree(store, ref, ignore=shutil.ignore_patterns("evaluate"))
-    assert subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "--stage", "evaluate",
-                           *_cli_args(ref, data_dir)], cwd=REPO).returncode == 0
+    assert cli("run", "--stage", "evaluate", *_cli_args(ref, data_dir)).returncode == 0
     (ref_dir,) = list(ref.glob("fmnist/evaluate/*"))
     a = json.loads((out_dir / "results.json").read_text())
     b = json.loads((ref_dir / "results.json").read_text())

@@ -1,13 +1,8 @@
 """The precomputed adversarial datasets: attack shards (WebDataset) and hooked activations (Zarr), on a real
 local Ray instance and a real store."""
 import json
-import os
 import re
-import signal
-import subprocess
-import sys
 import tarfile
-import time
 
 import numpy as np
 import pytest
@@ -20,7 +15,8 @@ from pipeline.data import load_split, to_float
 from pipeline.shards import read_shard
 from pipeline.store import StoreError
 from pipeline.zarr_store import ActivationReader
-from tests.conftest import REPO, make_fmnist
+from tests import conftest
+from tests.conftest import REPO, cli, cli_args, kill_group, make_fmnist, start_cli, wait_for
 
 TINY = ["attack.n_examples=null", "classifier.train.epochs=1", "classifier.train.batch_size=32", "attack.shard_size=16", "attack.batch_size=8",
         "attack.pgd_steps=5", "activations.chunk_rows=16", "activations.batch_size=32"]
@@ -43,11 +39,8 @@ def ray_local():
 
 
 def make_ctx(store, data_dir, *extra, workers=None):
-    cfg = load_config(REPO / "configs/fmnist.yaml", [f"data.data_dir={data_dir}", *TINY, *extra])
     logs = []
-    ctx = runner.Context(cfg=cfg, store=runner.store_root(store), workers=workers, log=logs.append)
-    ctx._ray_ready = True
-    return ctx, logs
+    return conftest.make_ctx(store, data_dir, *extra, sets=TINY, workers=workers, log=logs.append), logs
 
 
 @pytest.fixture(scope="module")
@@ -179,46 +172,31 @@ def test_same_bytes_whatever_the_worker_count(built, data_dir, tmp_path):
     assert all(pa.read_bytes() == pb.read_bytes() for pa, pb in zip(a, b))
 
 
-def _cli(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, cwd=REPO,
-                          **kw)
-
-
 def _args(store, data_dir, *extra):
-    sets = [a for s in [f"data.data_dir={data_dir}", *TINY, "attack.shard_size=4", "attack.pgd_steps=40",
-                        "activations.chunk_rows=20", *extra] for a in ("--set", s)]
-    return ["--config", "configs/fmnist.yaml", "--store", str(store), *sets]
+    return cli_args(store, data_dir, "attack.shard_size=4", "attack.pgd_steps=40", "activations.chunk_rows=20", *extra,
+                    sets=TINY)
 
 
 @pytest.mark.slow
 def test_killed_stage_resumes_to_identical_output(built, data_dir, tmp_path):
     store = tmp_path / "killed"
-    assert _cli("run", "--stage", "classifier", *_args(store, data_dir)).returncode == 0
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "--stage", "attacks",
-                             *_args(store, data_dir)], cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 120
-    units = None
-    while time.time() < deadline and proc.poll() is None:
-        found = list(store.glob("fmnist/attacks/*/_units/*.json"))
-        if found:
-            units = found[0].parent
-            break
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert units is not None, "the stage never finished a unit"
+    assert cli("run", "--stage", "classifier", *_args(store, data_dir)).returncode == 0
+    proc = start_cli("run", "--stage", "attacks", *_args(store, data_dir))
+    found = wait_for(store, "fmnist/attacks/*/_units/*.json", proc)
+    kill_group(proc)
+    assert found, "the stage ended before it finished a unit"
+    units = found[0].parent
     out_dir = units.parent
     done_before = len(list(units.glob("*.json")))
     assert not (out_dir / "manifest.json").exists() and done_before < 12
-    r = _cli("run", "--stage", "attacks", *_args(store, data_dir))
+    r = cli("run", "--stage", "attacks", *_args(store, data_dir))
     assert r.returncode == 0, r.stderr
     # Workers of the killed run may finish a unit while they are being torn down, so count at resume time.
     m = re.search(r"resuming .*: (\d+) unit\(s\) already finished", r.stderr)
     assert m and int(m.group(1)) >= done_before and f"{12 - int(m.group(1))} unit(s) to do" in r.stderr
     ref = tmp_path / "uninterrupted"
-    assert _cli("run", "--stage", "classifier", *_args(ref, data_dir)).returncode == 0
-    assert _cli("run", "--stage", "attacks", *_args(ref, data_dir)).returncode == 0
+    assert cli("run", "--stage", "classifier", *_args(ref, data_dir)).returncode == 0
+    assert cli("run", "--stage", "attacks", *_args(ref, data_dir)).returncode == 0
     (ref_dir,) = list(ref.glob("fmnist/attacks/*"))
     assert ref_dir.name == out_dir.name
     assert [p.read_bytes() for p in sorted(ref_dir.glob("*.tar"))] == [p.read_bytes() for p in sorted(out_dir.glob("*.tar"))]
@@ -233,7 +211,7 @@ def test_verify_reports_truncated_and_flipped_shards(built, tmp_path):
 
     store = tmp_path / "store"
     shutil.copytree(built["store"], store)
-    assert _cli("verify", "--store", str(store)).returncode == 0
+    assert cli("verify", "--store", str(store)).returncode == 0
     shards = sorted(store.glob("fmnist/attacks/*/shard-*.tar"))
     shards = [p for p in shards if p.parent.name == built["outs"]["attacks"].key]
     data = shards[0].read_bytes()
@@ -241,7 +219,7 @@ def test_verify_reports_truncated_and_flipped_shards(built, tmp_path):
     blob = bytearray(shards[1].read_bytes())
     blob[len(blob) // 2] ^= 0x01
     shards[1].write_bytes(bytes(blob))
-    r = _cli("verify", "--store", str(store))
+    r = cli("verify", "--store", str(store))
     assert r.returncode == 1
     assert f"{shards[0]}: truncated" in r.stderr and f"{shards[1]}: content altered" in r.stderr
 

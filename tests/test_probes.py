@@ -5,8 +5,6 @@ and repaired with `--rebuild`; two runs on one output never both write; leftover
 purifier's kill-and-resume: test_purifier_stage.)"""
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,13 +12,9 @@ import pytest
 from pipeline import runner
 from pipeline.config import load_config
 from pipeline.store import output_lock
-from tests.conftest import REPO, make_fmnist, write_idx
+from tests.conftest import REPO, cli, make_fmnist, write_idx
 
 CLF = ["attack.n_examples=null", "classifier.train.epochs=1", "classifier.train.batch_size=32"]
-
-
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, cwd=REPO)
 
 
 def sets(data_dir, *extra):

@@ -4,8 +4,7 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
-import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +12,8 @@ import pytest
 import torch
 
 from pipeline import runner
-from pipeline.config import load_config
-from tests.conftest import REPO, built_store, make_fmnist
+from tests import conftest
+from tests.conftest import built_store, cli, cli_args, kill_group, make_fmnist, start_cli, wait_for
 
 SETS = ["attack.n_examples=null", "classifier.train.epochs=1", "classifier.train.batch_size=64", "data.test_subset=32", "attack.shard_size=64",
         "attack.batch_size=64", "attack.pgd_steps=3", "activations.chunk_rows=64", "purifier.batch_size=32",
@@ -28,10 +27,8 @@ def data_dir(tmp_path_factory):
     return make_fmnist(tmp_path_factory.mktemp("fx") / "fmnist", n_train=384, n_test=32)
 
 
-def make_ctx(store, data_dir, *extra):
-    cfg = load_config(REPO / "configs/fmnist.yaml", [f"data.data_dir={data_dir}", *SETS, *extra])
-    ctx = runner.Context(cfg=cfg, store=runner.store_root(store), log=lambda m: None)
-    return ctx
+make_ctx = partial(conftest.make_ctx, sets=SETS)
+_cli_args = partial(cli_args, sets=SETS)
 
 
 @pytest.fixture(scope="module")
@@ -42,17 +39,18 @@ def store(tmp_path_factory, data_dir):
 
 @pytest.mark.slow
 def test_two_workers_train_checkpoint_and_loss_falls(store, data_dir):
-    from pipeline.models.purifier import from_spec
+    from pipeline.models.purifier import PurifierSpec
 
     ctx = make_ctx(store, data_dir, "purifier.lookahead_k=5")  # 48 steps: the last 3 are past a Lookahead sync
-    ctx._ray_ready = True
     out = runner.run(ctx, "purifier")[0]
     m = out.manifest()
     hist = [json.loads(line) for line in (out.dir / "metrics.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in hist] == [1, 2, 3, 4] and all(h["workers"] == 2 for h in hist)
     assert hist[-1]["loss"] < hist[0]["loss"] and hist[-1]["reconstruction"] < hist[0]["reconstruction"]
     assert [h["beta"] for h in hist] == [0.0, 0.0, 0.5, 1.0] and hist[0]["examples"] == 384
-    model = from_spec(m["model"])
+    spec = PurifierSpec.from_json(m["model"])
+    assert spec.to_json() == m["model"] == json.loads((out.dir / "purifier.json").read_text())
+    model = spec.build()
     model.load_state_dict(torch.load(out.dir / "purifier.pt", weights_only=True))
     assert m["counts"]["parameters"] == sum(p.numel() for p in model.parameters())
     assert (out.dir / "checkpoints").is_dir()
@@ -89,17 +87,18 @@ def test_a_code_version_bump_is_never_a_cache_hit(store, data_dir, monkeypatch):
 
 def test_cache_and_recompute_condition_identically(store, data_dir):
     from pipeline.balanced import BalancedBatches, ShardLoader
-    from pipeline.models import classifier_payload, from_payload
+    from pipeline.models import classifier_payload
     from pipeline.purifier_train import conditioning
 
     ctx = make_ctx(store, data_dir)
     attacks, acts = ctx.upstream("attacks"), ctx.upstream("activations")
     layers = ["conv1", "conv2", "conv3"]
-    base = {"attacks_dir": str(attacks.dir), "activations_dir": str(acts.dir), "layers": layers, "cache_bytes": 0}
-    classifier = from_payload(classifier_payload(ctx.upstream("classifier"), ctx.cfg.data.dataset), "cpu")
+    where = {"attacks_dir": str(attacks.dir), "layers": layers}
+    classifier = classifier_payload(ctx.upstream("classifier"), ctx.cfg.data.dataset).build("cpu")
 
     def first_batch(source):
-        bb = BalancedBatches(ShardLoader({**base, "source": source}), 6, batch_size=32, adv_fraction=0.5, workers=1,
+        cached = str(acts.dir) if source == "cache" else None
+        bb = BalancedBatches(ShardLoader(**where, activations_dir=cached), 6, batch_size=32, adv_fraction=0.5, workers=1,
                              rank=0, steps=3, buffer_examples=64, seed=0)
         return next(iter(bb.epoch(0)))
 
@@ -123,32 +122,19 @@ def test_layer_subset_trains_from_only_its_arrays(store, data_dir, tmp_path):
                 blob = bytearray(chunk.read_bytes())
                 blob[len(blob) // 2] ^= 0xFF
                 chunk.write_bytes(bytes(blob))
-    ctx._ray_ready = True
     out = runner.run(ctx, "purifier")[0]
     assert out.manifest()["model"]["layers"] == ["conv2"]
     assert list(out.manifest()["model"]["layer_shapes"]) == ["conv2"]
 
 
-def _cli_args(store, data_dir, *extra):
-    sets = [a for s in [f"data.data_dir={data_dir}", *SETS, *extra] for a in ("--set", s)]
-    return ["--config", "configs/fmnist.yaml", "--store", str(store), *sets]
-
-
 def _start(store, data_dir, extra):
-    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "--stage", "purifier",
-                             *_cli_args(store, data_dir, *extra)], cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return start_cli("run", "--stage", "purifier", *_cli_args(store, data_dir, *extra), stderr=subprocess.PIPE)
 
 
 def _wait_for_checkpoint(store, proc, name: str) -> Path | None:
-    """Block until a checkpoint at or after ``name`` exists (an event, not a deadline: polls while the run
-    lives)."""
-    while proc.poll() is None:
-        found = sorted(store.glob("fmnist/purifier/*/checkpoints/epoch-*.pt"))
-        if found and found[-1].name >= name:
-            return found[-1]
-        time.sleep(0.05)
-    return None
+    """The newest checkpoint once one at or after ``name`` exists (None if the run ended first)."""
+    found = wait_for(store, "fmnist/purifier/*/checkpoints/epoch-*.pt", proc, until=lambda f: f[-1].name >= name)
+    return found[-1] if found else None
 
 
 def _ray_train_worker_pids(session: int) -> list[int]:
@@ -167,20 +153,17 @@ def test_resumed_training_is_bit_identical_to_an_uninterrupted_run(store, data_d
     for name in ("whole", "driver", "worker"):
         copies[name] = tmp_path / name
         shutil.copytree(store, copies[name], ignore=shutil.ignore_patterns("purifier"))
-    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "--stage", "purifier",
-                        *_cli_args(copies["whole"], data_dir, *extra)], cwd=REPO, capture_output=True, text=True)
+    r = cli("run", "--stage", "purifier", *_cli_args(copies["whole"], data_dir, *extra))
     assert r.returncode == 0, r.stderr[-3000:]
     (reference,) = copies["whole"].glob("fmnist/purifier/*/purifier.pt")
 
     # 1. the driver (and with it the whole local Ray instance) killed after epoch 3's checkpoint; re-run
     proc = _start(copies["driver"], data_dir, extra)
     ck = _wait_for_checkpoint(copies["driver"], proc, "epoch-0002.pt")
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_group(proc)
     assert ck is not None, "the run ended before its third checkpoint"
     assert not (ck.parent.parent / "manifest.json").exists()
-    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "--stage", "purifier",
-                        *_cli_args(copies["driver"], data_dir, *extra)], cwd=REPO, capture_output=True, text=True)
+    r = cli("run", "--stage", "purifier", *_cli_args(copies["driver"], data_dir, *extra))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resuming from epoch-" in r.stderr
     out_dir = ck.parent.parent
@@ -211,8 +194,7 @@ def test_a_corrupt_shard_inside_ray_train_is_one_line(store, data_dir, tmp_path)
     blob = bytearray(shard.read_bytes())
     blob[len(blob) // 2] ^= 0xFF
     shard.write_bytes(bytes(blob))
-    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "--stage", "purifier", "--only",
-                        *_cli_args(copy, data_dir)], cwd=REPO, capture_output=True, text=True)
+    r = cli("run", "--stage", "purifier", "--only", *_cli_args(copy, data_dir))
     assert r.returncode == 1, r.stderr[-3000:]
     errors = [line for line in r.stderr.strip().splitlines() if not line.startswith("[")]
     assert errors == [errors[-1]] and f"{shard}: content altered" in errors[0], r.stderr[-3000:]

@@ -2,20 +2,14 @@
 upstream output."""
 import csv
 import re
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import REPO, make_fmnist
+from tests.conftest import REPO, cli, make_fmnist
 from tests.test_evaluate_stage import SETS
 
 
 PROJECT_LINE = re.compile(r"^\[(classifier|attacks|activations|purifier|evaluate|ray|pipeline|sweep)\] ")
-
-
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, cwd=REPO)
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -10,6 +11,7 @@ import torch.nn as nn
 
 from ..data import info
 from ..errors import UserError
+from ..store import atomic_write_bytes, require_intact
 from .cnn import SmallCNN
 from .wrn import WideResNet
 
@@ -99,16 +101,12 @@ def save_state_dict(model: nn.Module, path: Path) -> None:
     """Atomic save: a crash never leaves a half-written checkpoint under the final name."""
     buf = io.BytesIO()
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)
-    from ..store import atomic_write_bytes
-
     atomic_write_bytes(path, buf.getvalue())
 
 
 def load_stored(out, dataset: str) -> tuple[nn.Module, str]:
     """The classifier stage's output (``model.pt``, checked against its manifest first), in eval mode, and the
     sha256 of its weights."""
-    from ..store import require_intact
-
     manifest = out.manifest()
     rec = next(r for r in manifest["files"] if r["name"] == "model.pt")
     require_intact(out, rec)
@@ -117,15 +115,25 @@ def load_stored(out, dataset: str) -> tuple[nn.Module, str]:
     return model.eval(), manifest["weights_sha256"]
 
 
-def classifier_payload(out, dataset: str) -> dict:
-    """What a Ray actor or task needs to rebuild the stored classifier on any node: arch, activation, weights."""
+@dataclass(frozen=True)
+class StoredClassifier:
+    """What a Ray actor or task needs to rebuild the stored classifier on any node: arch, activation, dataset and
+    weights (with their sha256). ``build(device)`` returns it in eval mode."""
+    arch: str
+    activation: str
+    dataset: str
+    state_dict: dict = field(repr=False)
+    weights_sha256: str
+
+    def build(self, device: str = "cpu") -> nn.Module:
+        model = build_classifier(self.arch, self.dataset, self.activation)
+        load_weights(model, self.state_dict, f"classifier {self.weights_sha256[:16]}")
+        return model.eval().to(device)
+
+
+def classifier_payload(out, dataset: str) -> StoredClassifier:
+    """The classifier stage's output ``out`` (checked against its manifest), ready to travel to a worker."""
     model, weights = load_stored(out, dataset)
     manifest = out.manifest()
-    return {"arch": manifest["arch"], "activation": manifest["activation"], "dataset": dataset,
-            "state_dict": {k: v.clone() for k, v in model.state_dict().items()}, "weights_sha256": weights}
-
-
-def from_payload(payload: dict, device: str) -> nn.Module:
-    model = build_classifier(payload["arch"], payload["dataset"], payload["activation"])
-    load_weights(model, payload["state_dict"], "classifier payload")
-    return model.eval().to(device)
+    return StoredClassifier(arch=manifest["arch"], activation=manifest["activation"], dataset=dataset,
+                            state_dict={k: v.clone() for k, v in model.state_dict().items()}, weights_sha256=weights)

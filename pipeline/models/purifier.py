@@ -22,6 +22,7 @@ Choices where the paper is silent or inconsistent (documented in README "Faithfu
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -141,12 +142,39 @@ class Purifier(nn.Module):
         return self.decode(z, cond)
 
 
-def from_spec(m: dict) -> Purifier:
-    """The purifier described by a ``purifier.json`` / manifest ``model`` record (image shape, layer shapes,
-    fc_repr, f_joint, encoder convolutions, standardisation)."""
-    return Purifier(image_shape=tuple(m["image_shape"]), layer_shapes={k: tuple(v) for k, v in m["layer_shapes"].items()},
-                    fc_repr=m["fc_repr"], f_joint=m["f_joint"], encoder_convs=m["encoder_convs"], mean=tuple(m["mean"]),
-                    std=tuple(m["std"]))
+@dataclass(frozen=True, kw_only=True)
+class PurifierSpec:
+    """Everything that fixes a purifier's architecture: image shape, conditioning layers and their (C, H, W), the
+    sizes of Table 13, the layerwise encoders' depth, and the input standardisation. Stored as ``purifier.json``
+    and as the purifier manifest's ``model`` record (``to_json`` / ``from_json``); ``build()`` makes the model."""
+    image_shape: tuple[int, int, int]
+    layer_shapes: tuple[tuple[str, tuple[int, int, int]], ...]   # in conditioning order
+    fc_repr: int
+    f_joint: int
+    encoder_convs: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @property
+    def layers(self) -> list[str]:
+        return [name for name, _ in self.layer_shapes]
+
+    def build(self) -> "Purifier":
+        return Purifier(image_shape=self.image_shape, layer_shapes=dict(self.layer_shapes), fc_repr=self.fc_repr,
+                        f_joint=self.f_joint, encoder_convs=self.encoder_convs, mean=self.mean, std=self.std)
+
+    def to_json(self) -> dict:
+        return {"image_shape": list(self.image_shape), "layer_shapes": {k: list(v) for k, v in self.layer_shapes},
+                "layers": self.layers, "fc_repr": self.fc_repr, "f_joint": self.f_joint,
+                "encoder_convs": self.encoder_convs, "mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_json(cls, m: dict) -> "PurifierSpec":
+        shapes = m["layer_shapes"]
+        order = m.get("layers", list(shapes))
+        return cls(image_shape=tuple(m["image_shape"]), layer_shapes=tuple((k, tuple(shapes[k])) for k in order),
+                   fc_repr=m["fc_repr"], f_joint=m["f_joint"], encoder_convs=m["encoder_convs"], mean=tuple(m["mean"]),
+                   std=tuple(m["std"]))
 
 
 def kl_per_dim(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:

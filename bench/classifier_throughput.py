@@ -1,0 +1,81 @@
+"""The classifier stage's adversarial training inside its Ray task against a plain PyTorch loop, in one run.
+
+Both train the same SmallCNN from the same seed on the same N Fashion-MNIST training images (PGD-7 adversarial
+training, the default config's settings) with the same torch thread count; the stage's number is the epoch time
+its task records (the training loop alone, as for the plain loop), and its whole-stage time (Ray task start, data
+through the object store, the test-set PGD evaluation on ``--test`` points) is reported beside it. The plain loop
+runs before and after the stage and its mean is compared. Also says whether both trained byte-identical weights.
+Prints JSON.
+
+    .venv/bin/python bench/classifier_throughput.py [--n 4000] [--epochs 1] [--test 200]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from pipeline import runner
+from pipeline.adv_train import adversarial_train
+from pipeline.cluster import connect, worker_resources
+from pipeline.config import load_config
+from pipeline.data import load_split
+from pipeline.models import build_classifier, state_dict_hash
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def plain(cfg, x, y, threads: int) -> tuple[float, str]:
+    """The stage's training call, in this process. Returns (seconds, weights sha256)."""
+    torch.set_num_threads(threads)
+    t = cfg.classifier.train
+    torch.manual_seed(t.seed)
+    model = build_classifier(cfg.classifier.arch, cfg.data.dataset, cfg.classifier.activation)
+    t0 = time.perf_counter()
+    adversarial_train(model, x, y, epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, momentum=t.momentum,
+                      weight_decay=t.weight_decay, eps=t.eps, pgd_steps=t.pgd_steps, pgd_step_size=t.pgd_step_size,
+                      seed=t.seed, log=lambda line: None)
+    return time.perf_counter() - t0, state_dict_hash(model.eval())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=4000)
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--test", type=int, default=200)
+    a = ap.parse_args()
+    cfg = load_config(REPO / "configs/fmnist.yaml", [f"data.train_subset={a.n}", f"data.test_subset={a.test}",
+                                                     f"classifier.train.epochs={a.epochs}"])
+    tmp = Path(tempfile.mkdtemp(prefix="bench-classifier-"))
+    ctx = runner.Context(cfg=cfg, store=runner.store_root(tmp / "store"), log=lambda m: None)
+    t0 = time.perf_counter()
+    connect(None, log=lambda m: None)
+    ray_init_s = time.perf_counter() - t0
+    ctx.ray_ready = True
+    threads = int(worker_resources(1)["num_cpus"])  # what the stage's task gets
+
+    x, y = load_split(cfg.data.dataset, "train", cfg.data.data_dir, cfg.data.train_subset)
+    before_s, plain_sha = plain(cfg, x, y, threads)  # plain, Ray, plain: a machine busy with other work
+    t0 = time.perf_counter()                          # weighs on both sides alike
+    out = runner.run(ctx, "classifier")[0]
+    stage_s = time.perf_counter() - t0
+    after_s, _ = plain(cfg, x, y, threads)
+    plain_s = (before_s + after_s) / 2
+    metrics = json.loads((out.dir / "metrics.json").read_text())
+    train_s = sum(h["seconds"] for h in metrics["history"])
+    print(json.dumps({
+        "bench": "classifier_throughput", "examples": a.n, "epochs": a.epochs, "torch_threads": threads,
+        "plain_train_s": round(plain_s, 2), "plain_runs_s": [round(before_s, 2), round(after_s, 2)], "plain_examples_per_s": round(a.n * a.epochs / plain_s, 1),
+        "ray_task_train_s": round(train_s, 2), "ray_examples_per_s": round(a.n * a.epochs / train_s, 1),
+        "ray_over_plain_ratio": round(train_s / plain_s, 3),
+        "ray_stage_total_s": round(stage_s, 2), "ray_init_s_excluded": round(ray_init_s, 2),
+        "identical_weights": out.manifest()["weights_sha256"] == plain_sha,
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
