@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -27,10 +28,24 @@ from pipeline.data import load_split
 from pipeline.models import build_classifier, state_dict_hash
 
 REPO = Path(__file__).resolve().parents[1]
+WORKER_NICENESS = int(os.environ.get("RAY_worker_niceness", 15))  # Ray's default for its worker processes
 
 
 def plain(cfg, x, y, threads: int) -> tuple[float, str]:
-    """The stage's training call, in this process. Returns (seconds, weights sha256)."""
+    """The stage's training call, in this process, at the niceness Ray gives its workers (so that other work on
+    the machine weighs on both sides alike). Returns (seconds, weights sha256)."""
+    before = os.getpriority(os.PRIO_PROCESS, 0)
+    os.setpriority(os.PRIO_PROCESS, 0, WORKER_NICENESS)
+    try:
+        return _plain(cfg, x, y, threads)
+    finally:
+        try:
+            os.setpriority(os.PRIO_PROCESS, 0, before)  # lowering it back needs root; harmless otherwise
+        except PermissionError:
+            pass
+
+
+def _plain(cfg, x, y, threads: int) -> tuple[float, str]:
     torch.set_num_threads(threads)
     t = cfg.classifier.train
     torch.manual_seed(t.seed)
@@ -72,7 +87,7 @@ def main() -> None:
         "plain_train_s": round(plain_s, 2), "plain_runs_s": [round(before_s, 2), round(after_s, 2)], "plain_examples_per_s": round(a.n * a.epochs / plain_s, 1),
         "ray_task_train_s": round(train_s, 2), "ray_examples_per_s": round(a.n * a.epochs / train_s, 1),
         "ray_over_plain_ratio": round(train_s / plain_s, 3),
-        "ray_stage_total_s": round(stage_s, 2), "ray_init_s_excluded": round(ray_init_s, 2),
+        "niceness_both_sides": WORKER_NICENESS, "ray_stage_total_s": round(stage_s, 2), "ray_init_s_excluded": round(ray_init_s, 2),
         "identical_weights": out.manifest()["weights_sha256"] == plain_sha,
     }, indent=2))
 
