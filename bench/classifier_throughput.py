@@ -4,8 +4,9 @@ Both train the same SmallCNN from the same seed on the same N Fashion-MNIST trai
 training, the default config's settings) with the same torch thread count; the stage's number is the epoch time
 its task records (the training loop alone, as for the plain loop), and its whole-stage time (Ray task start, data
 through the object store, the test-set PGD evaluation on ``--test`` points) is reported beside it. The plain loop
-runs before and after the stage and its mean is compared. Also says whether both trained byte-identical weights.
-Prints JSON.
+runs before and after the stage and its mean is compared. Also says whether both trained byte-identical weights,
+and how many CPU seconds every other process on the machine used in each phase (Linux), so that Ray's own daemons
+can be told apart from a slower training process. Prints JSON.
 
     .venv/bin/python bench/classifier_throughput.py [--n 4000] [--epochs 1] [--test 200]
 """
@@ -29,6 +30,28 @@ from pipeline.models import build_classifier, state_dict_hash
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER_NICENESS = int(os.environ.get("RAY_worker_niceness", 15))  # Ray's default for its worker processes
+
+
+def cpu_seconds() -> dict[int, tuple[str, float]]:
+    """CPU seconds (user + system) so far of every process on the machine, by pid (Linux /proc; {} elsewhere)."""
+    tick, out = os.sysconf("SC_CLK_TCK"), {}
+    for d in Path("/proc").iterdir() if Path("/proc/self/stat").exists() else ():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            name, rest = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
+            out[int(d.name)] = (name, (int(rest[11]) + int(rest[12])) / tick)
+    return out
+
+
+def busiest_others(before: dict, after: dict, exclude: set[int], top: int = 6) -> dict:
+    """CPU seconds other processes used between two ``cpu_seconds`` snapshots: the total and the busiest few."""
+    used = {pid: (name, s - before.get(pid, (name, 0.0))[1]) for pid, (name, s) in after.items() if pid not in exclude}
+    ranked = sorted(used.items(), key=lambda kv: -kv[1][1])
+    return {"total_s": round(sum(s for _, s in used.values()), 2),
+            "busiest": {f"{name}[{pid}]": round(s, 2) for pid, (name, s) in ranked[:top]}}
 
 
 def plain(cfg, x, y, threads: int) -> tuple[float, str]:
@@ -74,11 +97,18 @@ def main() -> None:
     threads = int(worker_resources(1)["num_cpus"])  # what the stage's task gets
 
     x, y = load_split(cfg.data.dataset, "train", cfg.data.data_dir, cfg.data.train_subset)
+    me = {os.getpid()}
+    c0 = cpu_seconds()
     before_s, plain_sha = plain(cfg, x, y, threads)  # plain, Ray, plain: a machine busy with other work
-    t0 = time.perf_counter()                          # weighs on both sides alike
+    c1 = cpu_seconds()                                # weighs on both sides alike
+    t0 = time.perf_counter()
     out = runner.run(ctx, "classifier")[0]
     stage_s = time.perf_counter() - t0
+    c2 = cpu_seconds()
     after_s, _ = plain(cfg, x, y, threads)
+    c3 = cpu_seconds()
+    used = {pid: s - c1.get(pid, (n, 0.0))[1] for pid, (n, s) in c2.items()}
+    worker = max(used, key=used.get)  # the Ray worker that trained: by far the busiest process of the stage
     plain_s = (before_s + after_s) / 2
     metrics = json.loads((out.dir / "metrics.json").read_text())
     train_s = sum(h["seconds"] for h in metrics["history"])
@@ -89,6 +119,10 @@ def main() -> None:
         "ray_over_plain_ratio": round(train_s / plain_s, 3),
         "niceness_both_sides": WORKER_NICENESS, "ray_stage_total_s": round(stage_s, 2), "ray_init_s_excluded": round(ray_init_s, 2),
         "identical_weights": out.manifest()["weights_sha256"] == plain_sha,
+        # What else ran on the machine meanwhile (the driver excluded: during the stage it only waits and polls)
+        "other_processes_cpu_s": {"plain_before": busiest_others(c0, c1, me), "plain_after": busiest_others(c2, c3, me),
+                                  "ray_stage": busiest_others(c1, c2, me | {worker}),
+                                  "ray_task_worker": {c2[worker][0]: round(used[worker], 2)}},
     }, indent=2))
 
 

@@ -92,8 +92,12 @@ WORKER_ERROR = ".worker-error.json"
 def train_loop(config: dict) -> None:
     """Ray Train's entry point on every worker (``config["job"]``: the ``TrainJob``). A user error (a corrupt shard,
     a bad store file) is written to ``<out>/.worker-error.json`` for the driver to print as one line, then raised
-    so Ray Train stops."""
+    so Ray Train stops. Ray Train retries a failed worker group (a killed worker, a lost node); a recorded user
+    error would fail the same way again, so a retry finding one raises it at once instead of loading anything."""
     job: TrainJob = config["job"]
+    recorded = Path(job.out_dir) / WORKER_ERROR
+    if recorded.is_file():
+        raise UserError(json.loads(recorded.read_text())["message"])
     try:
         _train(job)
     except Exception as exc:

@@ -23,6 +23,17 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIG = "configs/fmnist.yaml"
 
 
+# The modules that take longest, longest first: the two test processes (pyproject.toml: xdist, whole modules, in
+# this order) start on these, and the short modules fill in around them.
+HEAVY_MODULES = ["test_purifier_stage.py", "test_scenario_a.py", "test_probes.py", "test_precompute.py",
+                 "test_whole_job.py", "test_evaluate_stage.py", "test_cluster.py", "test_classifier_stage.py"]
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(HEAVY_MODULES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(HEAVY_MODULES)))  # stable: modules stay whole
+
+
 def cli(*args, cwd=REPO, **kw) -> subprocess.CompletedProcess:
     """``pipeline ARGS`` in a subprocess, as a user runs it; output captured as text."""
     return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, cwd=cwd, **kw)

@@ -5,6 +5,7 @@ and repaired with `--rebuild`; two runs on one output never both write; leftover
 purifier's kill-and-resume: test_purifier_stage.)"""
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -34,6 +35,21 @@ def one_line(r, code: int, *needles: str) -> None:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return make_fmnist(tmp_path_factory.mktemp("probe") / "fmnist", n_train=64, n_test=32)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data):
+    """A store with the classifier trained once through the CLI; tests corrupt their own copies."""
+    store = tmp_path_factory.mktemp("trained") / "s"
+    r = cli("run", "--config", "configs/fmnist.yaml", "--store", str(store), "--stage", "classifier", *sets(data))
+    assert r.returncode == 0, r.stderr[-2000:]
+    return store
+
+
+def _copy(trained, tmp_path):
+    store = tmp_path / "s"
+    shutil.copytree(trained, store)
+    return store
 
 
 @pytest.mark.parametrize("command", ["run", "plan", "status"])
@@ -102,10 +118,9 @@ def test_a_second_run_on_a_locked_output_refuses_naming_the_holder(tmp_path, dat
 
 
 @pytest.mark.slow
-def test_verify_finds_corruption_leftovers_and_rebuild_repairs(tmp_path, data):
-    store = tmp_path / "s"
+def test_verify_finds_corruption_leftovers_and_rebuild_repairs(tmp_path, data, trained):
+    store = _copy(trained, tmp_path)
     args = ["--config", "configs/fmnist.yaml", "--store", str(store), *sets(data)]
-    assert cli("run", "--stage", "classifier", *args).returncode == 0
     (out,) = (store / "fmnist" / "classifier").iterdir()
     model = out / "model.pt"
     good = model.read_bytes()
@@ -136,10 +151,9 @@ def test_verify_finds_corruption_leftovers_and_rebuild_repairs(tmp_path, data):
 
 
 @pytest.mark.slow
-def test_a_corrupt_manifest_is_never_a_cache_hit(tmp_path, data):
-    store = tmp_path / "s"
+def test_a_corrupt_manifest_is_never_a_cache_hit(tmp_path, data, trained):
+    store = _copy(trained, tmp_path)
     args = ["--config", "configs/fmnist.yaml", "--store", str(store), *sets(data)]
-    assert cli("run", "--stage", "classifier", *args).returncode == 0
     (manifest,) = store.glob("fmnist/classifier/*/manifest.json")
     for bad in (b"", b"[1, 2]", b"\xff\xfe"):
         manifest.write_bytes(bad)
