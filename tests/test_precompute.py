@@ -113,8 +113,6 @@ def test_activations_round_trip_and_alignment(built):
 
 
 def test_layer_subset_reads_only_its_arrays(built, tmp_path):
-
-
     acts = built["outs"]["activations"]
     copy = tmp_path / "acts"
     shutil.copytree(acts.dir, copy)
@@ -207,8 +205,6 @@ def test_killed_stage_resumes_to_identical_output(built, data_dir, tmp_path):
 
 @pytest.mark.slow
 def test_verify_reports_truncated_and_flipped_shards(built, tmp_path):
-
-
     store = tmp_path / "store"
     shutil.copytree(built["store"], store)
     assert cli("verify", "--store", str(store)).returncode == 0
@@ -225,8 +221,6 @@ def test_verify_reports_truncated_and_flipped_shards(built, tmp_path):
 
 
 def test_reading_stage_refuses_a_corrupt_shard(built, data_dir, tmp_path):
-
-
     store = tmp_path / "store"
     shutil.copytree(built["store"], store)
     ctx, _ = make_ctx(store, data_dir)
