@@ -1,10 +1,20 @@
 """Ray start/connect and per-task resource requests. Nothing here assumes a single node."""
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import os
 import shutil
 from pathlib import Path
+
+import torch
+
+# glibc malloc: the mmap threshold and trim threshold a long-running process reaches by itself (malloc's dynamic
+# threshold stops at 32 MiB, and the trim threshold follows at twice that). See ``prepare_worker``.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+MALLOC_MMAP_THRESHOLD = 32 << 20
+MALLOC_TRIM_THRESHOLD = 64 << 20
 
 
 def connect(address: str | None, log=print, verbose: bool = False) -> None:
@@ -64,6 +74,28 @@ def worker_resources(workers: int = 1) -> dict:
     if gpus:
         return {"num_gpus": 1, "num_cpus": 1}
     return {"num_gpus": 0, "num_cpus": max(1, cpus_per_node() // max(1, workers))}
+
+
+def prepare_worker(threads: int) -> None:
+    """What every compute process of a stage does first (a Ray task, actor or Ray Train worker): torch's thread
+    count, and glibc malloc's thresholds pinned at the values a long-running process reaches by itself.
+
+    Why the thresholds: PyTorch allocates each CPU tensor with malloc. glibc serves an allocation above its mmap
+    threshold (128 KiB at first, raised on the fly as big blocks are freed) with a fresh mmap and returns it to
+    the kernel on free, and gives the top of its heap back above its trim threshold; every page of such memory
+    faults again, zero-filled, when the next tensor touches it. A plain process that loaded its data first has
+    had its thresholds raised by those big frees; a Ray worker that received the same data deserialised has
+    not, and adversarial training there took 10-50x the page faults (over 700,000 per 2,000 images) and ran
+    about 30% slower (``bench/classifier_throughput.py`` reports both). Numbers are unchanged: only where the
+    memory comes from differs. Without glibc (macOS, musl) this sets the threads only."""
+    torch.set_num_threads(threads)
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # no glibc: nothing to pin
+        return
+    mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD)
+    mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD)
 
 
 def device_for(resources: dict) -> str:

@@ -15,6 +15,7 @@ import torch
 
 from pipeline import zarr_store
 from pipeline.attacks import KINDS
+from pipeline.cluster import prepare_worker
 from pipeline.config import ActivationsConfig, fingerprint, key_fields, to_dict
 from pipeline.context import Context, cached_layers, classifier_identity
 from pipeline.data import info
@@ -48,7 +49,7 @@ class ActivationWorker(_pool.UnitWorker):
 
     def __init__(self, model_box, out_dir: str, attacks_dir: str, layers: list[str], acts: ActivationsConfig,
                  device: str, threads: int):
-        torch.set_num_threads(threads)
+        prepare_worker(threads)
         self.device = device
         self.model = _pool.unbox(model_box).build(device)
         self.out = Output(Path(out_dir), "activations", "")

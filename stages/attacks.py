@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from pipeline.attacks import KINDS, training_mix
+from pipeline.cluster import prepare_worker
 from pipeline.config import AttackConfig, fingerprint, key_fields, to_dict
 from pipeline.context import Context, classifier_identity, data_identity
 from pipeline.data import info, load_split, to_float
@@ -62,7 +63,7 @@ class AttackWorker(_pool.UnitWorker):
     """Ray Data actor: holds the classifier and the training images; turns one unit into one shard."""
 
     def __init__(self, model_box, data_box, out_dir: str, attack: AttackConfig, eps: float, device: str, threads: int):
-        torch.set_num_threads(threads)
+        prepare_worker(threads)
         self.device = device
         self.model = _pool.unbox(model_box).build(device)
         self.x, self.y = _pool.unbox(data_box)

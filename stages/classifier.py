@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from pipeline.adv_train import accuracy_under_pgd, adversarial_train
-from pipeline.cluster import device_for, worker_resources
+from pipeline.cluster import device_for, prepare_worker, worker_resources
 from pipeline.config import RunConfig, fingerprint, to_dict
 from pipeline.context import Context, data_identity
 from pipeline.data import load_split
@@ -57,7 +57,7 @@ def key(ctx: Context) -> str:
 def _obtain(cfg: RunConfig, train_ref, test_ref, out_dir: str, device: str, threads: int, progress: str) -> dict:
     """Runs inside a Ray task: train or load, evaluate, save. Returns the metrics. Progress lines go to the file
     ``progress``, which the driver prints from (the task's own output stays in Ray's logs)."""
-    torch.set_num_threads(threads)
+    prepare_worker(threads)
     c, t = cfg.classifier, cfg.classifier.train
     torch.manual_seed(t.seed)  # weight initialisation
     model = build_classifier(c.arch, cfg.data.dataset, c.activation)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from pipeline import report
-from pipeline.cluster import default_workers, device_for, worker_resources
+from pipeline.cluster import default_workers, device_for, prepare_worker, worker_resources
 from pipeline.config import EvalConfig, fingerprint, key_fields, to_dict
 from pipeline.context import Context, classifier_identity, data_identity
 from pipeline.data import DataError, load_split, to_float
@@ -84,7 +84,7 @@ def evaluate_task(weights_box, data_box, out_dir: str, c: int, lo: int, hi: int,
                   threads: int, baseline_file: str) -> dict:
     """One chunk, inside a Ray task: evaluate (reusing the classifier baseline when it is known), write the chunk
     file and its receipt."""
-    torch.set_num_threads(threads)
+    prepare_worker(threads)
     classifier, carso = unbox(weights_box).build(device, samples=ev.samples, aggregation=ev.aggregation,
                                                  precision=ev.precision)
     torch.set_grad_enabled(True)

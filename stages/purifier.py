@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.balanced import BalancedBatches, steps_per_epoch, worker_kinds
-from pipeline.cluster import cluster_gpus, cpus_per_node
+from pipeline.cluster import cluster_gpus, cpus_per_node, prepare_worker
 from pipeline.config import fingerprint, key_fields, to_dict
 from pipeline.context import Context, classifier_identity, conditioning_layers
 from pipeline.data import info
@@ -125,7 +125,7 @@ def _train(job: TrainJob) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     p, out_dir = job.purifier, Path(job.out_dir)
-    torch.set_num_threads(job.threads)
+    prepare_worker(job.threads)
     torch.manual_seed(p.seed + rank)
     device = ray.train.torch.get_device()
     model = ray.train.torch.prepare_model(job.model.build().to(device))
