@@ -36,11 +36,12 @@ def human_rate(per_second: float, unit: str) -> str:
 
 class Progress:
     """Prints ``[stage] done/total unit (pct) | rate | ETA`` at most every ``every`` seconds, and at the end.
-    Stages whose units take minutes pass ``every=0`` so that no finished unit goes unreported."""
+    Stages whose units take minutes pass ``every=0`` so that no finished unit goes unreported. ``done``: items a
+    resumed run found finished; they count in done/total, not in the rate (this run did not do them)."""
 
-    def __init__(self, stage: str, total: int, unit: str = "examples", every: float = 5.0, log=echo):
+    def __init__(self, stage: str, total: int, unit: str = "examples", every: float = 5.0, log=echo, done: int = 0):
         self.stage, self.total, self.unit, self.every, self.log = stage, total, unit, every, log
-        self.done = 0
+        self.done = self.resumed = done
         self.t0 = self.last = time.perf_counter()
 
     def update(self, n: int) -> None:
@@ -49,7 +50,7 @@ class Progress:
         if now - self.last >= self.every or self.done >= self.total:
             self.last = now
             elapsed = now - self.t0
-            rate = self.done / elapsed if elapsed > 0 else 0.0
+            rate = (self.done - self.resumed) / elapsed if elapsed > 0 else 0.0
             eta = (self.total - self.done) / rate if rate > 0 else float("inf")
             pct = 100.0 * self.done / self.total if self.total else 100.0
             eta_s = human_seconds(eta) if eta != float("inf") else "?"

@@ -61,8 +61,7 @@ def run_units(ctx: Context, out: Output, *, stage: str, worker_cls, worker_kwarg
     import ray.data
 
     t0 = time.perf_counter()
-    progress = Progress(stage, total_items, unit_name, log=ctx.log)
-    progress.done = done_items
+    progress = Progress(stage, total_items, unit_name, log=ctx.log, done=done_items)
     written = 0
     if units:
         n = pool_size(ctx, len(units))

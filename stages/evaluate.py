@@ -151,8 +151,8 @@ def run(ctx: Context, out: Output) -> None:
                 f"parallelism, so a smaller eval.chunk_size would use them all (it changes the key and the seeds)")
     task = ray.remote(evaluate_task).options(num_cpus=res["num_cpus"], num_gpus=res["num_gpus"], max_retries=1)
     wbox, dbox = _pool.ref_box(weights), _pool.ref_box((x, y))
-    progress = Progress("evaluate", n, "points", every=0, log=ctx.log)  # chunks take minutes
-    progress.done = sum(hi - lo for c, lo, hi in chunks if f"chunk-{c:04d}" in done)
+    progress = Progress("evaluate", n, "points", every=0, log=ctx.log,  # chunks take minutes
+                        done=sum(hi - lo for c, lo, hi in chunks if f"chunk-{c:04d}" in done))
     pending = [task.remote(wbox, dbox, str(out.dir), c, lo, hi, ev, device_for(res), int(res["num_cpus"]),
                            str(baseline_path(ctx, first + lo, first + hi, chunk_seed(ev.seed, c)).resolve()))
                for c, lo, hi in todo]

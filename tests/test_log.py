@@ -21,3 +21,11 @@ def test_every_finished_unit_is_reported_when_every_is_zero():
     for _ in range(4):
         q.update(5)
     assert len(throttled) == 1 and throttled[0].startswith("[attacks] 20/20")
+
+
+def test_a_resumed_run_counts_finished_items_but_rates_only_its_own():
+    lines = []
+    p = Progress("evaluate", 200, "points", every=0, log=lines.append, done=190)
+    p.t0 -= 3600.0  # this run has worked an hour
+    p.update(5)
+    assert lines[0].startswith("[evaluate] 195/200 points (98%) | 5.0 points/h | ETA 1h")
