@@ -223,8 +223,8 @@ def markdown(r: dict) -> str:
               f"reconstructions {st['mean_pixel_std']:.4f} (pixels in [0, 1])."]
     if tr:
         lines += [f"- Training: final-epoch KL {tr['final_kl']:.3f} nats; {tr['active_units']} of {tr['latent_dims']} "
-                  f"latent dimensions active (average KL > {tr['active_threshold_nats']:g} nats). With few active "
-                  "units the decoder ignores z: the reconstructions are nearly deterministic."]
+                  f"latent dimensions active (average KL > {tr['active_threshold_nats']:g} nats); how much z moves "
+                  "the predictions is the stochasticity line above."]
     lines += ["", "## Reconstructions", "", "![inputs, adversarial inputs (randAA), reconstructions](reconstructions.png)",
               "", "Every reconstruction of a few clean inputs and of their randAA adversarial versions:", "",
               "![all reconstructions of clean and attacked inputs](samples.png)", ""]

@@ -44,7 +44,12 @@ GRID_EXAMPLES = 8
 # alters what the stage writes.
 # 2: diagnostics (purification, stochasticity, training) in chunks, results.json and report.md; randAA's clean
 #    pass seeded; samples.png; all N reconstructions in examples.npz.
-VERSION = 2
+# 3: report.md's training line no longer says "the decoder ignores z" whatever the number of active units (it
+#    contradicted reports with many active units); every number is as version 2 computes it.
+VERSION = 3
+# Code version of the classifier-alone baseline (clean accuracy and standard AutoAttack of a chunk), part of its
+# cache key: bump it only when a change alters those numbers (evaluate 3 did not; its baselines are version 2's).
+BASELINE_VERSION = 2
 UPSTREAM = ("classifier", "attacks", "purifier")
 
 
@@ -76,7 +81,7 @@ def baseline_path(ctx: Context, lo: int, hi: int, seed: int) -> Path:
     ev = ctx.cfg.eval
     k = fingerprint({"classifier": classifier_identity(ctx)["weights_sha256"],
                      "test": data_identity(ctx.cfg, "test"), "points": [lo, hi], "eps": ev.eps, "seed": seed,
-                     "backend": ev.backend, "batch_size": ev.batch_size, "evaluate_version": VERSION})
+                     "backend": ev.backend, "batch_size": ev.batch_size, "evaluate_version": BASELINE_VERSION})
     return ctx.store.root / ctx.cfg.data.dataset / "baseline" / f"{k}.json"
 
 
