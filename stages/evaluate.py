@@ -79,6 +79,7 @@ def baseline_path(ctx: Context, lo: int, hi: int, seed: int) -> Path:
     everything they depend on (classifier weights, the points, eps, seed, backend, batch size), so every purifier,
     aggregation and attack setting of a sweep reuses them."""
     ev = ctx.cfg.eval
+    # The field keeps its old name ("evaluate_version") so the baselines evaluate 2 wrote keep their keys.
     k = fingerprint({"classifier": classifier_identity(ctx)["weights_sha256"],
                      "test": data_identity(ctx.cfg, "test"), "points": [lo, hi], "eps": ev.eps, "seed": seed,
                      "backend": ev.backend, "batch_size": ev.batch_size, "evaluate_version": BASELINE_VERSION})
