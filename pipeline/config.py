@@ -78,7 +78,9 @@ class ClassifierTrainConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class ClassifierConfig:
-    arch: Literal["cnn", "wrn-28-10"] = "cnn"
+    # "cnn" (SmallCNN) or "wrn-D-W": a WideResNet of depth D (6n+4) and width W (RobustBench's names;
+    # wrn-28-10 is the paper's). Checked at load time (pipeline.models.arch_problem).
+    arch: str = "cnn"
     # WRN activation: RobustBench's DM models use swish (SiLU) or relu.
     activation: Literal["relu", "swish"] = "relu"
     # Where the weights come from: trained by the `classifier` stage, a RobustBench model, or a local file.
@@ -189,6 +191,38 @@ class EvalConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ProbesConfig:
+    """Linear probes of the hooked layers (pipeline/probes.py, stage `probes`): how much class information each
+    layer of the frozen classifier keeps, clean and under attack, for a readout fitted on the cached training
+    activations (transfer probe) and for one adversarially trained through the frozen layers (robust probe)."""
+
+    # Subset of the cached layers (activations.layers); None = every cached layer.
+    layers: Optional[list[str]] = None
+    # The scored test points [first_example, first_example + n_examples): not the reported points 0-199.
+    first_example: int = rng(default=5000, ge=0)
+    n_examples: int = rng(default=1000, ge=1)
+    # L-inf bound of every probe attack (training and scoring); None = eval.eps (the threat model).
+    eps: Optional[float] = rng(default=None, gt=0, le=1)
+    # The scoring attack (transfer: against the classifier alone; adaptive: against each probe through the frozen
+    # layers): Table 12's PGD.
+    pgd_steps: int = rng(default=40, ge=1)
+    pgd_step_size: float = rng(default=0.01, gt=0)
+    # Transfer probes: fitted on every cached training row (clean and the four attacks).
+    transfer: bool = True
+    epochs: int = rng(default=5, ge=1)
+    # Robust probes: Madry adversarial training of the readout alone on the first robust_examples training images.
+    robust: bool = True
+    robust_examples: int = rng(default=5000, ge=1)
+    robust_epochs: int = rng(default=2, ge=1)
+    robust_pgd_steps: int = rng(default=7, ge=1)
+    robust_pgd_step_size: float = rng(default=0.035, gt=0)
+    lr: float = rng(default=1e-3, gt=0)
+    weight_decay: float = rng(default=0.0, ge=0)
+    batch_size: int = rng(default=256, ge=1)
+    seed: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
 class RunConfig:
     name: str = "run"
     data: DataConfig = field(default_factory=DataConfig)
@@ -197,6 +231,7 @@ class RunConfig:
     activations: ActivationsConfig = field(default_factory=ActivationsConfig)
     purifier: PurifierConfig = field(default_factory=PurifierConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    probes: ProbesConfig = field(default_factory=ProbesConfig)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -284,6 +319,11 @@ def build(cls, raw: dict, *, source: str = "", prefix: str = ""):
 def _cross_checks(obj, source: str, prefix: str) -> None:
     """Constraints that involve more than one field."""
     if isinstance(obj, ClassifierConfig):
+        from .models import arch_problem  # the models own the names they build
+
+        problem = arch_problem(obj.arch)
+        if problem:
+            raise ConfigError(source, f"{prefix}arch", problem)
         if obj.source == "robustbench" and not obj.robustbench_name:
             raise ConfigError(source, f"{prefix}robustbench_name", "required when classifier.source is 'robustbench'")
         if obj.source == "file" and not obj.path:
@@ -295,6 +335,8 @@ def _cross_checks(obj, source: str, prefix: str) -> None:
         if total > obj.epochs:
             raise ConfigError(source, f"{prefix}anneal_epochs",
                               f"warm-up + plateau + annealing = {total} exceeds purifier.epochs = {obj.epochs}")
+    if isinstance(obj, ProbesConfig) and not (obj.transfer or obj.robust):
+        raise ConfigError(source, f"{prefix}robust", "probes.transfer and probes.robust are both false: no probe to fit")
     if isinstance(obj, RunConfig):
         rows = 5 * obj.attack.shard_size
         if rows % obj.activations.chunk_rows:

@@ -67,6 +67,47 @@ def test_dm_state_dict_loads_strictly_and_matches_logits(tmp_path):
     assert len(acts) == 26
 
 
+@pytest.mark.parametrize("depth,width", [(16, 2), (10, 1)])
+def test_any_wrn_size_matches_robustbench_on_fashion_mnist(tmp_path, depth, width):
+    """``wrn-D-W`` on 28x28x1 inputs: RobustBench's DMWideResNet of that depth and width, logit for logit; its
+    default conditioning list is Table 5's pattern (both convolutions of every block, the two shortcuts)."""
+    dm = _robustbench_dm()
+    torch.manual_seed(0)
+    ref = dm.DMWideResNet(num_classes=10, depth=depth, width=width, activation_fn=dm.Swish, mean=(0.2860,),
+                          std=(0.3530,), num_input_channels=1)
+    _randomise_bn(ref, torch.Generator().manual_seed(2))
+    ref.eval()
+    ours = build_classifier(f"wrn-{depth}-{width}", "fmnist", "swish")
+    load_weights(ours, ref.state_dict(), "ref").eval()
+    x = torch.rand(4, 1, 28, 28)
+    with torch.no_grad():
+        # RobustBench pools with avg_pool2d(8), made for 32x32 inputs; on 28x28 the last map is 7x7, which our
+        # adaptive pooling averages whole: compare the features before the pooling, and the logits by hand.
+        feats = ref.relu(ref.batchnorm(ref.layer(ref.init_conv((x - ref.mean) / ref.std))))
+        assert feats.shape[-2:] == (7, 7)
+        assert torch.allclose(ours(x), ref.logits(feats.mean((2, 3))), atol=1e-4, rtol=1e-4)
+    n = (depth - 4) // 6
+    layers = ours.default_layers()
+    assert len(layers) == 6 * n + 2 and layers[:2] == ["layer.0.block.0.conv_0", "layer.0.block.0.conv_1"]
+    assert [name for name in layers if "shortcut" in name] == ["layer.1.block.0.shortcut", "layer.2.block.0.shortcut"]
+    assert f"layer.2.block.{n - 1}.conv_1" in layers and len(set(layers)) == len(layers)
+    _, acts = forward_with_activations(ours, x[:1], layers)
+    assert [tuple(a.shape[-2:]) for a in acts][::len(acts) - 1] == [(28, 28), (7, 7)]
+
+
+@pytest.mark.parametrize("arch,needle", [("wrn-15-2", r"depth 15 is not 6n\+4"), ("wrn-28-0", "width must be >= 1"),
+                                         ("resnet-18", "valid choices are 'cnn' or 'wrn-D-W'")])
+def test_invalid_architecture_names_are_refused_naming_the_key(arch, needle):
+    from pipeline.config import ConfigError, load_config
+    from tests.conftest import REPO
+
+    with pytest.raises(ConfigError, match=needle) as e:
+        load_config(REPO / "configs/fmnist.yaml", [f"classifier.arch={arch}"])
+    assert "classifier.arch: " in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ModelError, match=needle):
+        build_classifier(arch, "fmnist")
+
+
 def test_legacy_checkpoint_with_normalisation_buffers_still_loads(tmp_path):
     """WRN files written before the normalisation left the state_dict (this store's own model.pt) still load."""
     ours = build_classifier("wrn-28-10", "cifar10", "swish")

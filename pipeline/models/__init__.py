@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,9 +21,29 @@ class ModelError(UserError):
     """A checkpoint that cannot be found, read or matched to the architecture."""
 
 
-def _build_wrn(dataset: str, activation: str) -> nn.Module:
+# ``wrn-D-W``: RobustBench's DMWideResNet naming (depth D = 6n + 4, n blocks per group; width W).
+WRN_NAME = re.compile(r"wrn-(\d+)-(\d+)")
+ARCH_CHOICES = "'cnn' or 'wrn-D-W' (depth D = 6n+4 >= 10: 10, 16, 22, 28, 34, ...; width W >= 1, e.g. wrn-28-10)"
+
+
+def arch_problem(arch: str) -> str | None:
+    """Why ``arch`` names no buildable classifier (None when it does)."""
+    if arch == "cnn":
+        return None
+    m = WRN_NAME.fullmatch(arch)
+    if not m:
+        return f"unknown architecture {arch!r}: valid choices are {ARCH_CHOICES}"
+    depth, width = int(m.group(1)), int(m.group(2))
+    if depth < 10 or (depth - 4) % 6:
+        return f"{arch!r}: depth {depth} is not 6n+4 with n >= 1 (valid depths: 10, 16, 22, 28, 34, ...)"
+    if width < 1:
+        return f"{arch!r}: width must be >= 1"
+    return None
+
+
+def _build_wrn(depth: int, width: int, dataset: str, activation: str) -> nn.Module:
     meta = info(dataset)
-    return WideResNet(num_classes=meta.num_classes, depth=28, width=10, activation=activation,
+    return WideResNet(num_classes=meta.num_classes, depth=depth, width=width, activation=activation,
                       mean=meta.mean, std=meta.std, num_input_channels=meta.channels)
 
 
@@ -31,11 +52,15 @@ def _build_cnn(dataset: str, activation: str) -> nn.Module:
     return SmallCNN(num_classes=meta.num_classes, in_channels=meta.channels, mean=meta.mean, std=meta.std)
 
 
-ARCHITECTURES = {"wrn-28-10": _build_wrn, "cnn": _build_cnn}
-
-
 def build_classifier(arch: str, dataset: str, activation: str = "relu") -> nn.Module:
-    return ARCHITECTURES[arch](dataset, activation)
+    """``cnn`` (SmallCNN) or ``wrn-D-W`` (any valid depth and width; ``wrn-28-10`` is the paper's)."""
+    problem = arch_problem(arch)
+    if problem:
+        raise ModelError(f"classifier.arch: {problem}")
+    if arch == "cnn":
+        return _build_cnn(dataset, activation)
+    depth, width = map(int, WRN_NAME.fullmatch(arch).groups())
+    return _build_wrn(depth, width, dataset, activation)
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""WideResNet-28-10 with the module names and state_dict keys of RobustBench's ``DMWideResNet``.
+"""WideResNet-D-W (WRN-28-10 by default) with the module names and state_dict keys of RobustBench's ``DMWideResNet``.
 
 Every name matters: a RobustBench checkpoint (e.g. ``Cui2023Decoupled_WRN-28-10``) loads with
 ``strict=True``, and the paper's Table 5 hooks layers by these names (``layer.1.block.0.shortcut``).
@@ -54,7 +54,10 @@ class _BlockGroup(nn.Module):
 
 
 class WideResNet(nn.Module):
-    """DMWideResNet-compatible WideResNet (depth 28, width 10 by default)."""
+    """DMWideResNet-compatible WideResNet (depth 28, width 10 by default; any depth 6n+4 and width >= 1).
+
+    On Fashion-MNIST's 28x28 inputs the three groups run at 28x28, 14x14 and 7x7 (DeepMind's stride-2 'SAME'
+    padding), and the adaptive pooling averages the last 7x7 map."""
 
     def __init__(self, num_classes: int = 10, depth: int = 28, width: int = 10, activation: str = "swish",
                  mean: tuple[float, ...] = (0.4914, 0.4822, 0.4465), std: tuple[float, ...] = (0.2471, 0.2435, 0.2616),
@@ -91,10 +94,13 @@ class WideResNet(nn.Module):
         return [name for name, m in self.named_modules() if isinstance(m, nn.Conv2d)]
 
     def default_layers(self) -> list[str]:
-        """The paper's Table 5: both convs of every block (first four blocks of each group) + two shortcuts."""
+        """Table 5's pattern for any depth: both convolutions of every block of the three groups, plus the
+        shortcuts of the first block of groups 1 and 2 (Table 5 lists exactly these two; group 0's shortcut, which
+        exists when width > 1, is left out as Table 5 leaves it out). For WRN-28-10 (4 blocks per group) this is
+        Table 5 itself, 26 layers; for depth 6n+4 it is 6n + 2 layers."""
         names = []
         for g in range(3):
-            for b in range(min(4, (self.depth - 4) // 6)):
+            for b in range((self.depth - 4) // 6):
                 names += [f"layer.{g}.block.{b}.conv_0", f"layer.{g}.block.{b}.conv_1"]
                 if b == 0 and g > 0:
                     names.append(f"layer.{g}.block.0.shortcut")
