@@ -1,8 +1,9 @@
 """Stage `evaluate`: CARSO and the classifier alone under attack, on Ray tasks over test-set chunks.
 
-Chunk c holds test points [c*K, (c+1)*K) (K = ``eval.chunk_size``) and is evaluated with the seed
-``eval.seed * 100003 + c`` whatever task runs it, so the merged result does not depend on the number of
-workers. Each finished chunk writes its per-point outcomes (``chunks/chunk-NNNN.json``) and a receipt; a
+Chunk c holds test points [first + c*K, first + (c+1)*K) (K = ``eval.chunk_size``, first =
+``eval.first_example``) and is evaluated with the seed ``eval.seed * 100003 + i``, i the absolute test index of its
+first point, whatever task runs it: the merged result does not depend on the number of workers, and points 0-199
+evaluated as two runs (0-99, 100-199) get exactly the chunks of one run over 0-199 (K dividing 100). Each finished chunk writes its per-point outcomes (``chunks/chunk-NNNN.json``) and a receipt; a
 killed evaluation resumes from the finished chunks. The merge counts every chunk exactly once.
 Outputs: ``results.json``, ``report.md``, ``reconstructions.png``.
 """
@@ -46,7 +47,10 @@ GRID_EXAMPLES = 8
 #    pass seeded; samples.png; all N reconstructions in examples.npz.
 # 3: report.md's training line no longer says "the decoder ignores z" whatever the number of active units (it
 #    contradicted reports with many active units); every number is as version 2 computes it.
-VERSION = 3
+# 4: chunks seeded by the absolute test index of their first point (was: the chunk's position in the run), so a
+#    run split by points merges exactly into the one-run figure. Re-seeds every stored evaluation (the attacks'
+#    random starts and CARSO's draws change; the settings do not).
+VERSION = 4
 # Code version of the classifier-alone baseline (clean accuracy and standard AutoAttack of a chunk), part of its
 # cache key: bump it only when a change alters those numbers (evaluate 3 did not; its baselines are version 2's).
 BASELINE_VERSION = 2
@@ -61,8 +65,9 @@ def key(ctx: Context) -> str:
                         "eval": ev})
 
 
-def chunk_seed(seed: int, c: int) -> int:
-    return seed * 100003 + c
+def chunk_seed(seed: int, first_point: int) -> int:
+    """The seed of the chunk whose first point is test index ``first_point`` (absolute, not the run's offset)."""
+    return seed * 100003 + first_point
 
 
 def _purifier_state(pur: Output) -> dict:
@@ -89,14 +94,15 @@ def baseline_path(ctx: Context, lo: int, hi: int, seed: int) -> Path:
 def evaluate_task(weights_box, data_box, out_dir: str, c: int, lo: int, hi: int, ev: EvalConfig, device: str,
                   threads: int, baseline_file: str) -> dict:
     """One chunk, inside a Ray task: evaluate (reusing the classifier baseline when it is known), write the chunk
-    file and its receipt."""
+    file and its receipt. ``lo``/``hi`` index the evaluated points (``data_box``); the seed comes from the absolute
+    test index ``eval.first_example + lo``."""
     prepare_worker(threads)
     classifier, carso = unbox(weights_box).build(device, samples=ev.samples, aggregation=ev.aggregation,
                                                  precision=ev.precision)
     torch.set_grad_enabled(True)
     x, y = unbox(data_box)
     t0 = time.perf_counter()
-    xc, yc, seed = to_float(x[lo:hi]), y[lo:hi], chunk_seed(ev.seed, c)
+    xc, yc, seed = to_float(x[lo:hi]), y[lo:hi], chunk_seed(ev.seed, ev.first_example + lo)
     baseline = read_sealed_json(Path(baseline_file))
     if baseline is None:
         baseline = classifier_baseline(classifier, xc, yc, ev, seed, device)
@@ -160,7 +166,7 @@ def run(ctx: Context, out: Output) -> None:
     progress = Progress("evaluate", n, "points", every=0, log=ctx.log,  # chunks take minutes
                         done=sum(hi - lo for c, lo, hi in chunks if f"chunk-{c:04d}" in done))
     pending = [task.remote(wbox, dbox, str(out.dir), c, lo, hi, ev, device_for(res), int(res["num_cpus"]),
-                           str(baseline_path(ctx, first + lo, first + hi, chunk_seed(ev.seed, c)).resolve()))
+                           str(baseline_path(ctx, first + lo, first + hi, chunk_seed(ev.seed, first + lo)).resolve()))
                for c, lo, hi in todo]
     training = pur.manifest()["final_metrics"]
     while pending:

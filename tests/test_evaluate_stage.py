@@ -83,11 +83,17 @@ def test_two_workers_equal_one_worker_and_outputs(store, data_dir, tmp_path):
     assert (two.dir / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     chunk = json.loads((two.dir / "chunks" / "chunk-0000.json").read_text())
     assert len(chunk["diagnostics"]["disagree"]) == len(chunk["diagnostics"]["pixel_std"]) == 4
-    # eval.first_example shifts the evaluated points: its first chunk is the full run's second one.
-    shifted = runner.run(make_ctx(store, data_dir, "eval.first_example=4", "eval.n_examples=4",
+    # Chunks are seeded by the absolute index of their first point: a run over points 4-11 repeats the full run's
+    # chunks 1 and 2 exactly (two half runs equal one whole run), whatever else it adds (the logit surrogate).
+    shifted = runner.run(make_ctx(store, data_dir, "eval.first_example=4", "eval.n_examples=8",
                                   "eval.pgd_eot_logit_surrogate=true"), "evaluate")[0]
-    moved = json.loads((shifted.dir / "chunks" / "chunk-0000.json").read_text())
-    assert moved["clf_clean"] == json.loads((two.dir / "chunks" / "chunk-0001.json").read_text())["clf_clean"]
+    for c in (0, 1):
+        moved = json.loads((shifted.dir / "chunks" / f"chunk-{c:04d}.json").read_text())
+        whole = json.loads((two.dir / "chunks" / f"chunk-{c + 1:04d}.json").read_text())
+        assert moved["seed"] == whole["seed"] == 4 * (c + 1)
+        # (The obfuscation check runs after the surrogate on the same random stream, so only it may differ.)
+        same = {k: v for k, v in whole.items() if k not in ("seconds", "chunk", "range", "obfuscation")}
+        assert {k: moved[k] for k in same} == same
     rs = json.loads((shifted.dir / "results.json").read_text())
     assert rs["first_example"] == 4 and rs["carso_pgd_eot_logit"]["settings"]["gradient_through"] == "logit aggregation"
     assert "PGD+EOT (logit surrogate) fresh mean" in rs["summary"]
@@ -110,7 +116,7 @@ def test_killed_evaluation_resumes_to_the_same_result(store, data_dir, tmp_path)
     assert ref.key == out_dir.name
     a = json.loads((out_dir / "results.json").read_text())
     b = json.loads((ref.dir / "results.json").read_text())
-    assert a["summary"] == b["summary"] and a["chunk_seeds"] == b["chunk_seeds"] == [0, 1, 2]
+    assert a["summary"] == b["summary"] and a["chunk_seeds"] == b["chunk_seeds"] == [0, 4, 8]
     assert _chunks(ref) == {p.name: {k: v for k, v in json.loads(p.read_text()).items() if k != "seconds"}
                             for p in sorted((out_dir / "chunks").glob("chunk-*.json"))}
 
