@@ -82,4 +82,16 @@ def stage_flops(cfg, work: dict) -> dict[str, float]:
             "activations": work["samples"] * f["classifier_forward"],
             "purifier": cfg.purifier.epochs * work["purifier_samples"] * pur_step,
             "evaluate": work["n_eval"] * (work["carso_passes"] * f["carso_input_grad"] + aa),
+            "probes": probe_flops(cfg, work.get("probe_layers", 0), f),
             "per_example": f}
+
+
+def probe_flops(cfg, layers: int, f: dict) -> float:
+    """An upper bound of the probes stage: every probe attack step counted as a whole classifier gradient pass (the
+    probes stop the forward at their layer) and the readouts' own matrix products left out."""
+    pr = cfg.probes
+    score = pr.n_examples * pr.pgd_steps * f["classifier_input_grad"]  # per attacked model
+    per_layer = score * (int(pr.transfer) + int(pr.robust))
+    if pr.robust:
+        per_layer += pr.robust_epochs * pr.robust_examples * (pr.robust_pgd_steps + 1) * f["classifier_input_grad"]
+    return score + layers * per_layer

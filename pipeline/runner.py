@@ -108,7 +108,7 @@ def run(ctx: Context, stage: str, only: bool = False, rebuild: bool = False) -> 
     preflight.check(ctx, [s for s in targets if s == stage or s in upstream or stage == "all"])
     if stage == "all":
         for s in STAGES:
-            if s not in targets:
+            if s not in targets and s not in stages.SIDE:
                 ctx.log(f"[{s}] skipped: no stage needs it (purifier.activations_source is "
                         f"'{ctx.cfg.purifier.activations_source}')")
     if stage != "all" and not only and upstream:

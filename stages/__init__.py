@@ -7,10 +7,12 @@
 
 ``pipeline.runner`` imports this registry; the stages import ``pipeline.context``, never the runner.
 """
-from . import activations, attacks, classifier, evaluate, purifier
+from . import activations, attacks, classifier, evaluate, probes, purifier
 
 GRAPH = {"classifier": classifier, "attacks": attacks, "activations": activations, "purifier": purifier,
-         "evaluate": evaluate}
+         "evaluate": evaluate, "probes": probes}
+# Stages that `--stage all` never runs: measurements beside the main job, run on request (`--stage probes`).
+SIDE = ("probes",)
 
 
 def upstream(stage: str, cfg) -> tuple[str, ...]:

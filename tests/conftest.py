@@ -26,7 +26,7 @@ CONFIG = "configs/fmnist.yaml"
 # The modules that take longest, longest first: the two test processes (pyproject.toml: xdist, whole modules, in
 # this order) start on these, and the short modules fill in around them.
 HEAVY_MODULES = ["test_purifier_stage.py", "test_scenario_a.py", "test_probes.py", "test_precompute.py",
-                 "test_whole_job.py", "test_evaluate_stage.py", "test_cluster.py", "test_classifier_stage.py"]
+                 "test_whole_job.py", "test_evaluate_stage.py", "test_probe_stage.py", "test_cluster.py", "test_classifier_stage.py"]
 
 
 def pytest_collection_modifyitems(items):

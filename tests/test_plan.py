@@ -63,5 +63,5 @@ def test_plan_prints_flops_hours_and_the_paper_table_1(tmp_path):
     r = subprocess.run([sys.executable, "-m", "pipeline.cli", "plan", "--config", "configs/cifar10.yaml", "--store",
                         str(tmp_path), "--tflops", "10", "--devices", "8"], capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.count("FLOPs:") == 5 and "at 10 TFLOP/s sustained x 8 device(s)" in r.stdout
+    assert r.stdout.count("FLOPs:") == 6 and "at 10 TFLOP/s sustained x 8 device(s)" in r.stdout
     assert "paper (Table 1): 159 min on 8 A100" in r.stdout
