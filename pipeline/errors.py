@@ -4,11 +4,29 @@ The CLI catches ``UserError`` anywhere in an exception's chain (including errors
 and Ray Train workers), prints its first line and exits with its ``exit_code``; anything else is a bug and keeps
 its traceback. Each layer subclasses it where the error arises (``ConfigError`` in config.py, ``DataError`` in
 data.py, ``ModelError`` in models/, ``StoreError`` in store.py, ``EvalError`` in evaluation.py).
+
+A full disk is a user error too: ``DiskFull``, raised by ``pipeline.store.atomic_file`` (through which every store
+file is written), and made by ``find_user_error`` from any bare ``OSError`` with ``ENOSPC``, ``EDQUOT`` or
+``EROFS`` found in a chain (one raised by a library, by Ray, outside ``atomic_file``).
 """
 from __future__ import annotations
 
-EXIT_CONFIG = 2  # invalid config, override, config path or setting that contradicts the model or data
-EXIT_FAILED = 1  # bad data, checkpoint, corrupt or unwritable store, missing upstream output
+import errno
+import os
+import re
+import shutil
+from pathlib import Path
+
+from .log import human_bytes
+
+EXIT_CONFIG = 2  # invalid config, override, config path or setting that contradicts the model or data;
+#                  a store too small for the stages about to run (the preflight's free-space check)
+EXIT_FAILED = 1  # bad data, checkpoint, corrupt or unwritable store, missing upstream output, a full disk
+EXIT_TERMINATED = 143  # SIGTERM (128 + 15), like the shell's convention; Ctrl-C (SIGINT) is 130
+
+# errno -> what the one line says: the disk (or the quota) is full, or the filesystem is mounted read-only.
+FULL = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+        errno.EROFS: "read-only filesystem"}
 
 
 class UserError(RuntimeError):
@@ -17,20 +35,98 @@ class UserError(RuntimeError):
     exit_code = EXIT_FAILED
 
 
+class DiskFull(UserError):
+    """Writing a store file failed on a full disk, an exhausted quota or a read-only filesystem. The message names
+    the file and the free space left there; the CLI adds what the stage still needs (``pipeline.plan``)."""
+
+
+class NotEnoughSpace(UserError):
+    """The preflight: the free space under --store is less than the stages about to run write (estimate)."""
+
+    exit_code = EXIT_CONFIG
+
+
+def free_bytes(path: str | Path) -> int | None:
+    """Bytes an unprivileged writer may still use on the filesystem holding ``path`` (or its nearest existing
+    parent); None when that cannot be asked."""
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return shutil.disk_usage(p).free
+    except OSError:
+        return None
+
+
+# Temporaries named by pipeline.store.temp_path (.<name>.tmp-<pid>-<random>) and zarr's (<name>.<uuid>.partial).
+_TEMP_NAMES = [re.compile(r"^\.(?P<name>.+)\.tmp-\d+-[0-9a-f]+$"), re.compile(r"^(?P<name>.+)\.[0-9a-f]{32}\.partial$")]
+
+
+def final_name(path: str | Path) -> Path:
+    """The file a temporary stands for (the one the user will look for), else ``path`` itself."""
+    p = Path(path)
+    for pat in _TEMP_NAMES:
+        m = pat.match(p.name)
+        if m:
+            return p.with_name(m.group("name"))
+    return p
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in FULL
+
+
+def disk_full(exc: OSError, path: str | Path | None = None) -> DiskFull:
+    """The one-line error for an OSError of ``FULL``: the file it names (``path``, else the error's own
+    filename), why, and the free space left there."""
+    where = path if path is not None else exc.filename
+    if where is None:
+        return DiskFull(f"writing the store failed: {FULL[exc.errno]} (errno {errno.errorcode[exc.errno]})")
+    where = final_name(os.fsdecode(where))
+    free = free_bytes(where.parent)
+    left = f" ({human_bytes(free)} free there)" if free is not None and exc.errno != errno.EROFS else ""
+    return DiskFull(f"{where}: {FULL[exc.errno]}{left}")
+
+
+def _links(e: BaseException) -> list:
+    """The exceptions ``e`` wraps: Python's ``__cause__``/``__context__``, Ray's ``cause`` (RayTaskError and the
+    dual classes ``as_instanceof_cause`` makes), Ray Train's ``worker_failures`` (WorkerGroupError) and
+    ``controller_failure`` (ControllerError)."""
+    failures = getattr(e, "worker_failures", None)
+    return [getattr(e, "cause", None), getattr(e, "controller_failure", None),
+            *(failures.values() if isinstance(failures, dict) else ()), e.__cause__, e.__context__]
+
+
 def find_user_error(exc: BaseException | None) -> UserError | None:
-    """The first UserError in the chain of ``exc`` (``__cause__``, ``__context__`` and Ray's ``cause``), or None.
+    """The first UserError in the chain of ``exc`` (``__cause__``, ``__context__`` and Ray's wrappers, see
+    ``_links``), or None; a bare OSError of a full disk (``FULL``) met first is returned as ``DiskFull``.
     Ray re-raises a task's exception as a class deriving from both RayTaskError and the original class; its
     ``cause`` is the original, whose message is the one line we want."""
     seen, stack = set(), [exc]
     while stack:
         e = stack.pop()
-        if e is None or id(e) in seen:
+        if not isinstance(e, BaseException) or id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, UserError) and not type(e).__module__.startswith("ray"):
-            return e
-        stack += [getattr(e, "cause", None), e.__cause__, e.__context__]
+        if not type(e).__module__.startswith("ray"):
+            if isinstance(e, UserError):
+                return e
+            if is_disk_full(e):
+                return disk_full(e)
+        stack += reversed(_links(e))
     return None
+
+
+def error_kind(err: UserError) -> str:
+    """What survives a trip through a Ray Data column besides the message and the exit code (``rebuild``)."""
+    return "disk_full" if isinstance(err, DiskFull) else ""
+
+
+def rebuild(message: str, exit_code: int, kind: str = "") -> UserError:
+    """The driver-side UserError for one reported by a worker as (message, exit code, ``error_kind``)."""
+    err = (DiskFull if kind == "disk_full" else UserError)(message)
+    err.exit_code = int(exit_code)
+    return err
 
 
 def one_line(err: BaseException) -> str:

@@ -1,14 +1,18 @@
 """`pipeline plan`: the stage graph with cache status, the work each stage will do, and the bytes it writes,
-from the same arithmetic as storage_layout.md (pipeline/sizing.py). Nothing is run."""
+from the same arithmetic as storage_layout.md (pipeline/sizing.py), beside the free space under the store.
+Nothing is run. Also what a stopped run had finished (``stopped``, ``full_disk_line``), from the same store
+state, for the CLI's last line after SIGTERM, Ctrl-C or a full disk."""
 from __future__ import annotations
 
+from . import runner
 from .balanced import steps_per_epoch
 from .data import info
+from .errors import free_bytes, one_line
 from .flops import stage_flops
 from .log import human_bytes
-from .preflight import check
+from .preflight import check, describe, pending_bytes, training_images
 from .runner import status
-from .sizing import estimate
+from .sizing import ACTIVATIONS_COMPRESSION, estimate
 
 
 def _counts(cfg) -> dict:
@@ -43,11 +47,29 @@ def _work(cfg) -> dict[str, str]:
         "activations": f"{e['samples']:,} classifier forward passes, {e['layers']} hooked layers",
         "purifier": f"{p.epochs} epochs x {n['steps']} steps x {p.batch_size} examples (global), {p.workers} "
                     f"worker(s), activations: {p.activations_source}",
+        "probes": _probe_work(cfg),
         "evaluate": f"{n['n_eval']:,} test points x up to {n['carso_passes']:,} CARSO gradient passes (randAA + eps-0.95 "
                     f"check: 2 x 2 x {ev.aa_steps} steps x EOT {ev.aa_eot}; PGD+EOT {ev.pgd_eot_steps} x EOT "
                     f"{ev.pgd_eot_iters}{surrogate}), {ev.samples} reconstructions each, + standard AA on the "
                     f"classifier",
     }
+
+
+def probe_layers(cfg) -> list[str]:
+    """The layers the probes stage would probe (before the classifier exists: from the configured architecture)."""
+    from .preflight import hookable_layers
+
+    return cfg.probes.layers or cfg.activations.layers or hookable_layers(cfg)[1]
+
+
+def _probe_work(cfg) -> str:
+    pr, k = cfg.probes, len(probe_layers(cfg))
+    kinds = " + ".join(n for n, on in (("transfer", pr.transfer), ("robust", pr.robust)) if on)
+    work = (f"{k} layers x {kinds} probe(s); scored on {pr.n_examples:,} test points x PGD {pr.pgd_steps} (classifier "
+            f"once + adaptive per probe)")
+    if pr.robust:
+        work += f"; robust training {pr.robust_epochs} epochs x {pr.robust_examples:,} images x {pr.robust_pgd_steps} PGD"
+    return work + " (run on request: --stage probes)"
 
 
 def _bytes(cfg) -> dict[str, str]:
@@ -56,9 +78,13 @@ def _bytes(cfg) -> dict[str, str]:
             "attacks": f"{e['attack_total_bytes']:,} B ({human_bytes(e['attack_total_bytes'])}; "
                        f"{e['attack_bytes_per_example']:,} B/example)",
             "activations": f"{e['activation_total_bytes_raw']:,} B raw ({human_bytes(e['activation_total_bytes_raw'])}; "
-                           f"{e['activation_bytes_per_example']:,} B/example) before compression",
-            "purifier": "checkpoints (model + optimizer state, ~4x parameters x 4 B, two kept)",
-            "evaluate": "results.json, report.md, reconstructions.png, per-chunk outcomes (small)"}
+                           f"{e['activation_bytes_per_example']:,} B/example) before compression; on disk about "
+                           f"{human_bytes(e['activation_total_bytes_compressed'])} (compression ratio "
+                           f"{ACTIVATIONS_COMPRESSION}, measured on the default job: an estimate)",
+            "purifier": "checkpoints (weights, Lookahead's slow weights, optimizer state: ~5x parameters x 4 B each; "
+                        "two kept, three for a moment) + purifier.pt",
+            "evaluate": "results.json, report.md, reconstructions.png, per-chunk outcomes (small)",
+            "probes": "probes.json, report.md, probes.png, the probes' weights (small)"}
 
 
 # The paper's Table 1: wall-clock time of the purifier's training on 8 NVIDIA A100 (minutes), per scenario.
@@ -76,9 +102,9 @@ def plan_lines(ctx, tflops: float = DEFAULT_TFLOPS, devices: int = 1) -> list[st
     cfg = ctx.cfg
     check(ctx)
     work, size = _work(cfg), _bytes(cfg)
-    flops = stage_flops(cfg, _counts(cfg))
+    flops = stage_flops(cfg, {**_counts(cfg), "probe_layers": len(probe_layers(cfg))})
     lines = [f"plan for {cfg.name} ({cfg.data.dataset}), store {ctx.store.root}:",
-             "  classifier -> attacks -> activations -> purifier -> evaluate",
+             "  classifier -> attacks -> activations -> purifier -> evaluate (and, on request, activations -> probes)",
              f"  compute: FLOPs counted on the real modules for one example x the work (convolutions and matrix "
              f"products); hours at {tflops:g} TFLOP/s sustained x {devices} device(s) (--tflops, --devices)"]
     for stage, state, where in status(ctx):
@@ -91,8 +117,72 @@ def plan_lines(ctx, tflops: float = DEFAULT_TFLOPS, devices: int = 1) -> list[st
                          f"projection on 8 devices at {tflops:g} TFLOP/s: {a100:.0f} min")
     e = estimate(cfg)
     total = e["attack_total_bytes"] + e["activation_total_bytes_raw"]
-    all_flops = sum(v for k, v in flops.items() if k != "per_example")
+    all_flops = sum(v for k, v in flops.items() if k not in ("per_example", "probes"))
     lines.append(f"total shards + activations (raw): {total:,} B ({human_bytes(total)})")
+    lines.append(_space_line(ctx))
     lines.append(f"total compute: {all_flops:.3g} FLOPs -> {_hours(all_flops, tflops, devices)} at {tflops:g} "
-                 f"TFLOP/s x {devices} (finished stages included)")
+                 f"TFLOP/s x {devices} (finished stages included; the probes, run on request, not)")
     return lines
+
+
+def _space_line(ctx) -> str:
+    """The free space under the store beside what the stages not finished write (what `pipeline run` checks)."""
+    free = free_bytes(ctx.store.root)
+    pending = pending_bytes(ctx, list(runner.STAGES))  # the small outputs (evaluate, probes) count 0
+    need = sum(pending.values())
+    line = (f"free space under {ctx.store.root}: {'unknown' if free is None else human_bytes(free)}; the stages not "
+            f"finished write about {human_bytes(need)}" + (f" ({describe(pending, ctx)})" if need else ""))
+    if free is not None and need > free:
+        line += " -- too little: `pipeline run` stops before starting them (--no-space-check goes on anyway)"
+    return line
+
+
+# ---- what a stopped run had finished (the CLI's last line) -------------------------------------------------
+def targets(ctx, stage: str, only: bool = False) -> list[str]:
+    """The stages ``pipeline run --stage STAGE [--only]`` goes through, in order (as pipeline.runner.run)."""
+    return runner.needed(ctx, "evaluate") if stage == "all" else [stage] if only else runner.needed(ctx, stage)
+
+
+def _units_done(out) -> int:
+    return len([u for u in out.done_units() if not u.startswith("_")]) if out is not None else 0
+
+
+def _first_unfinished(ctx, stages: list[str]):
+    """(the first of ``stages`` whose output is not complete, its output or None, the complete ones before it)."""
+    done = []
+    for s in stages:
+        out = ctx.output_or_none(s)
+        if out is None or not out.is_complete():
+            return s, out, done
+        done.append(s)
+    return None, None, done
+
+
+def stopped(ctx, stage: str, only: bool = False) -> str:
+    """What a run stopped part-way had finished: ``attacks: 3 unit(s) finished and kept (classifier complete)``.
+    Read from the store; never raises (it runs on the way out of a failed run)."""
+    try:
+        current, out, done = _first_unfinished(ctx, targets(ctx, stage, only))
+    except Exception:  # noqa: BLE001 - a message on the way out must not replace the error
+        return "the finished units are kept"
+    if current is None:
+        return f"{', '.join(done)} complete"
+    n = _units_done(out)
+    return f"{current}: {n} unit(s) finished and kept" + (f" ({', '.join(done)} complete)" if done else "")
+
+
+def full_disk_line(ctx, stage: str, only: bool, err) -> str:
+    """The one line for DiskFull: the file and the free space there, then what the stage being written still
+    needs (``preflight.pending_bytes``: an estimate) and how many of its units are finished, and how to go on."""
+    tail = "free space and run the same command again to resume"
+    try:
+        current, out, _ = _first_unfinished(ctx, targets(ctx, stage, only))
+        if current is None:
+            return f"{one_line(err)}; {tail}"
+        n_train = training_images(ctx.cfg) if current in ("attacks", "activations") and ctx.output_or_none(
+            "attacks", complete=True) is None else None
+        need = pending_bytes(ctx, [current], n_train).get(current, 0)
+        needs = f"{current} still needs about {human_bytes(need)} (estimate)" if need else f"{current} needs little"
+        return f"{one_line(err)}; {needs}, {_units_done(out)} of its unit(s) finished and kept; {tail}"
+    except Exception:  # noqa: BLE001 - a message on the way out must not replace the error
+        return f"{one_line(err)}; {tail}"

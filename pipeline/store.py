@@ -24,7 +24,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Iterable
 
-from .errors import UserError
+from .errors import UserError, disk_full, is_disk_full
 
 MANIFEST = "manifest.json"
 UNITS = "_units"
@@ -70,15 +70,31 @@ def temp_path(path: Path) -> Path:
 @contextmanager
 def atomic_file(path: Path):
     """Yield a temporary path beside ``path``; on success fsync it and rename it to ``path`` (readers see the old
-    file or the whole new one), on failure remove it."""
+    file or the whole new one), on failure remove it. A full disk, an exhausted quota or a read-only filesystem
+    (while writing, fsyncing or renaming) becomes ``DiskFull`` naming ``path`` and the free space left, after
+    the temporary is removed: nothing half-written stays under either name."""
     tmp = temp_path(path)
     try:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        _discard(tmp)  # first, so the free space the message states counts it out
+        raise disk_full(exc, path) from exc
     finally:
+        _discard(tmp)
+
+
+def _discard(tmp: Path) -> None:
+    """Remove a temporary; never raise over the error being handled (on a read-only filesystem nothing was
+    written; a temporary left otherwise is found by ``stale_temporaries``)."""
+    try:
         tmp.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -110,9 +126,14 @@ def output_lock(out: "Output"):
     try:
         f.seek(0)
         f.truncate()
-        f.write(f"pid {os.getpid()} on {socket.gethostname()} since "
-                f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime())}\n")
-        f.flush()
+        try:
+            f.write(f"pid {os.getpid()} on {socket.gethostname()} since "
+                    f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime())}\n")
+            f.flush()
+        except OSError as exc:  # a full disk may leave no room for the holder's line
+            if is_disk_full(exc):
+                raise disk_full(exc, path) from None
+            raise
         yield
     finally:
         f.truncate(0)

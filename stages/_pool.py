@@ -14,7 +14,7 @@ import numpy as np
 
 from pipeline.cluster import cluster_gpus, device_for, worker_resources
 from pipeline.context import Context
-from pipeline.errors import UserError, find_user_error, one_line
+from pipeline.errors import error_kind, find_user_error, one_line, rebuild
 from pipeline.log import Progress, human_bytes
 from pipeline.store import Output
 
@@ -22,27 +22,29 @@ from pipeline.store import Output
 class UnitWorker:
     """Base of the stages' Ray Data actors: ``do_unit(unit_dict) -> receipt`` is called once per unit.
 
-    User-facing errors (a corrupt shard, bad data) come back as an ``error`` column rather than an exception,
-    because Ray Data does not carry the original exception type back to the driver.
+    User-facing errors (a corrupt shard, bad data, a full disk) come back as ``error``, ``code`` and ``kind``
+    columns (``pipeline.errors.error_kind``) rather than an exception, because Ray Data does not carry the
+    original exception type back to the driver.
     """
 
     def __call__(self, batch: dict) -> dict:
-        rows = {"unit": [], "items": [], "bytes": [], "error": [], "code": []}
+        rows = {"unit": [], "items": [], "bytes": [], "error": [], "code": [], "kind": []}
         for i in range(len(batch["unit"])):
             unit = {k: (v[i].item() if hasattr(v[i], "item") else v[i]) for k, v in batch.items()}
             try:
                 rec = self.do_unit(unit)
-                error, code, written = "", 0, sum(f["bytes"] for f in rec["files"])
+                error, code, kind, written = "", 0, "", sum(f["bytes"] for f in rec["files"])
             except Exception as exc:  # noqa: BLE001
-                err = find_user_error(exc)
+                err = find_user_error(exc)  # also a bare OSError of a full disk (zarr's own atomic writes)
                 if err is None:
                     raise
-                error, code, written = one_line(err), err.exit_code, 0
+                error, code, kind, written = one_line(err), err.exit_code, error_kind(err), 0
             rows["unit"].append(str(unit["unit"]))
             rows["items"].append(0 if error else int(unit["items"]))
             rows["bytes"].append(written)
             rows["error"].append(error)
             rows["code"].append(code)
+            rows["kind"].append(kind)
         return {k: np.array(v) for k, v in rows.items()}
 
     def do_unit(self, unit: dict) -> dict:  # pragma: no cover - abstract
@@ -81,9 +83,7 @@ def run_units(ctx: Context, out: Output, *, stage: str, worker_cls, worker_kwarg
                                 max_restarts=0)
         for row in ds.iter_rows():
             if row["error"]:
-                err = UserError(str(row["error"]))
-                err.exit_code = int(row["code"])
-                raise err
+                raise rebuild(str(row["error"]), int(row["code"]), str(row["kind"]))
             written += int(row["bytes"])
             progress.update(int(row["items"]))
     seconds = time.perf_counter() - t0
