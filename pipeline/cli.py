@@ -1,14 +1,17 @@
-"""The ``pipeline`` command: parses options and dispatches to pipeline.runner. No logic lives here."""
+"""The ``pipeline`` command: parses options and dispatches to pipeline.runner. No logic lives here beyond the
+way out: a user error, Ctrl-C or SIGTERM is one line and an exit code."""
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 
 import click
 
-from . import runner
+from . import preflight, runner
 from .config import load_config
-from .errors import EXIT_FAILED, find_user_error, one_line
-from .plan import plan_lines
+from .errors import EXIT_FAILED, EXIT_TERMINATED, DiskFull, find_user_error, one_line
+from .plan import full_disk_line, plan_lines, stopped
 from .sweep import parse_grid, run_sweep, validate
 
 STAGE_NAMES = list(runner.STAGES) + ["all"]
@@ -26,19 +29,78 @@ def _context(config: str, overrides: tuple[str, ...], store: str, ray_address: s
                           verbose=verbose)
 
 
-def _dispatch(fn, *args, **kwargs):
+class Terminated(KeyboardInterrupt):
+    """SIGTERM on the driver (``ray job stop``, a batch scheduler, a container runtime), raised on the main thread
+    like Ctrl-C's KeyboardInterrupt so that the same way out runs: the stage's ``finally`` blocks, the output's
+    lock released, Ray shut down (its atexit hook stops a local instance's processes; on a cluster the job's
+    tasks and actors end with the driver, the cluster stays). A KeyboardInterrupt (Ray turns a signal raised
+    inside ``ray.get`` into a plain one) is told apart by ``_SIGTERM``."""
+
+
+_SIGTERM = {"received": False}
+EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT)
+
+
+def _on_sigterm(signum, frame):
+    if _SIGTERM["received"]:
+        return  # a second SIGTERM (a scheduler's reminder) while the first one's way out runs: let it finish
+    _SIGTERM["received"] = True
+    raise Terminated()
+
+
+def _arm_sigterm() -> None:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _catch_sigterm() -> None:
+    """SIGTERM -> ``Terminated`` for this command (run, sweep). ``ray.init`` replaces the handler twice: with its
+    own Python handlers (``sys.exit``) and, in the driver's core worker, with Ray's native failure-signal handler,
+    which prints its stack dump (``*** SIGTERM received ...``, ``PC: @ ...``) to the console. So the handler is
+    installed again right after every ``ray.init`` of this process, through Ray's post-init hooks (the list Ray's
+    own libraries register with; were it gone, SIGTERM would still stop the run, with Ray's dump and exit code).
+    Ray's other processes keep Ray's handler: a SIGTERM sent to the whole process group puts their dumps in
+    Ray's log files, copied into <store>/logs/."""
+    _arm_sigterm()
+    try:
+        from ray._private import worker
+        hooks = worker._post_init_hooks
+    except (ImportError, AttributeError):  # pragma: no cover - a Ray without the hook list
+        return
+    if _arm_sigterm not in hooks:
+        hooks.append(_arm_sigterm)
+
+
+def _dispatch(fn, *args, job: tuple | None = None, **kwargs):
     """Call into the library: a UserError anywhere in the exception's chain (also from inside Ray) becomes one
-    line and its exit code (2 configuration, 1 data/store), Ctrl-C says how to resume, anything else is a bug
-    and keeps its traceback."""
+    line and its exit code (2 configuration or a store too small for the plan, 1 data/store or a full disk),
+    Ctrl-C (130) and SIGTERM (143) say what was finished and how to resume, anything else is a bug and keeps its
+    traceback. ``job``: ``(ctx, stage, only)`` of ``pipeline run``, for what was finished and what a full disk's
+    stage still needs."""
+    resume = "run the same command again to resume"
     try:
         return fn(*args, **kwargs)
     except KeyboardInterrupt:
-        _fail("interrupted; run the same command again to resume", 130)
+        what = f"; {stopped(*job)}" if job else ""
+        if _SIGTERM["received"]:
+            _fail(f"terminated (SIGTERM){what}; {resume}", EXIT_TERMINATED)
+        _fail(f"interrupted{what}; {resume}", EXIT_INTERRUPTED)
+    except SystemExit as exc:
+        # Ray's own driver handler, ``sys.exit(SIGTERM)``, where the post-init hooks do not run (ray:// client mode)
+        if exc.code != signal.SIGTERM:
+            raise
+        _fail(f"terminated (SIGTERM){f'; {stopped(*job)}' if job else ''}; {resume}", EXIT_TERMINATED)
     except Exception as exc:  # noqa: BLE001
+        if _SIGTERM["received"]:  # what the signal's way out raised (e.g. Ray's, its workers stopped too): not a bug
+            _fail(f"terminated (SIGTERM){f'; {stopped(*job)}' if job else ''}; {resume}", EXIT_TERMINATED)
         err = find_user_error(exc)
         if err is None:
             raise
-        _fail(one_line(err), err.exit_code)
+        if isinstance(err, DiskFull):
+            msg = full_disk_line(*job, err) if job else f"{one_line(err)}; free space and {resume}"
+        else:
+            msg = one_line(err)
+        _fail(msg, err.exit_code)
 
 
 config_option = click.option("--config", "-c", "config", required=True, metavar="FILE",
@@ -53,6 +115,10 @@ ray_option = click.option("--ray-address", default=None, metavar="ADDR",
 verbose_option = click.option("--verbose", "-v", is_flag=True, default=False,
                               help="Also print Ray's own output (workers, Ray Train); by default it goes to Ray's "
                                    "log files, copied into <store>/logs/.")
+space_option = click.option("--no-space-check", "no_space_check", is_flag=True, default=False,
+                            help="Start even when the free space under --store is less than the stages about to run "
+                                 "write (`pipeline plan` shows both; activations at an estimated compression "
+                                 "ratio). Without it such a run stops before any work (exit 2).")
 workers_option = click.option("--workers", type=click.IntRange(min=1), default=None, metavar="N",
                               help="Model workers per stage (Ray actors / Train workers / evaluation tasks). "
                                    "Default: one per GPU; on CPU one actor using every core (attacks, activations), "
@@ -89,10 +155,20 @@ def main() -> None:
 @store_option
 @ray_option
 @workers_option
+@space_option
 @verbose_option
-def run(config, stage, only, rebuild, overrides, store, ray_address, workers, verbose):
-    """Run a stage (and what it needs) or all, for a config; finished outputs are reused, partial ones resumed."""
-    _dispatch(runner.run, _context(config, overrides, store, ray_address, workers, verbose), stage, only, rebuild)
+def run(config, stage, only, rebuild, overrides, store, ray_address, workers, no_space_check, verbose):
+    """Run a stage (and what it needs) or all, for a config; finished outputs are reused, partial ones resumed.
+
+    \b
+    Exit codes: 0 done; 1 bad data, a bad store file or a full disk;
+    2 a bad config, or a store too small for the stages about to run
+    (--no-space-check); 130 Ctrl-C; 143 SIGTERM. After 1, 130 or 143
+    the same command resumes from the finished units."""
+    _catch_sigterm()
+    preflight.SPACE_CHECK = not no_space_check
+    ctx = _context(config, overrides, store, ray_address, workers, verbose)
+    _dispatch(runner.run, ctx, stage, only, rebuild, job=(ctx, stage, only))
 
 
 @main.command()
@@ -114,17 +190,24 @@ def status(config, overrides, store):
                    "--grid 'purifier.layers=[conv1],[conv2,conv3]' (repeatable; every combination runs).")
 @click.option("--grid-file", default=None, metavar="FILE",
               help="YAML file with 'grid: {key: [values]}', e.g. configs/ablations/fmnist.yaml.")
+@click.option("--stage", "-s", "stage", type=click.Choice(["all", "probes"]), default="all", show_default=True,
+              help="What each combination runs: the whole job up to evaluate ('all'), or the probes stage (a table "
+                   "of every combination's layers).")
 @set_option
 @store_option
 @ray_option
 @workers_option
+@space_option
 @verbose_option
-def sweep(config, grid_items, grid_file, overrides, store, ray_address, workers, verbose):
+def sweep(config, grid_items, grid_file, stage, overrides, store, ray_address, workers, no_space_check, verbose):
     """Run every combination of a grid of (downstream) settings, reusing cached upstream outputs, and write
     one comparison table (markdown and CSV)."""
+    _catch_sigterm()
+    preflight.SPACE_CHECK = not no_space_check
     grid = _dispatch(parse_grid, grid_items, grid_file)
     _dispatch(validate, config, overrides, grid)
-    _dispatch(run_sweep, config, overrides, grid, runner.store_root(store), ray_address, workers, verbose=verbose)
+    _dispatch(run_sweep, config, overrides, grid, runner.store_root(store), ray_address, workers, verbose=verbose,
+              stage=stage)
 
 
 @main.command()

@@ -27,6 +27,13 @@ def best_robust(result: dict) -> dict | None:
     return max(rows, key=lambda r: (r["robust_probe"]["adaptive"], -r["index"])) if rows else None
 
 
+def ranked(result: dict) -> list[str]:
+    """The probed layers, best first, by the robust probe's adaptive accuracy (ties: the shallower first): how the
+    study chooses conditioning layers from the probes (its row (c) takes the first three)."""
+    rows = [r for r in result["layers"] if "robust_probe" in r]
+    return [r["layer"] for r in sorted(rows, key=lambda r: (-r["robust_probe"]["adaptive"], r["index"]))]
+
+
 def markdown(result: dict) -> str:
     s, clf = result["settings"], result["classifier"]
     atk = s["scoring_attack"]
@@ -58,7 +65,9 @@ def markdown(result: dict) -> str:
         lines += ["", f"Best robust probe under the adaptive attack: `{best['layer']}` at "
                   f"{_pct(best['robust_probe']['adaptive'])}, against the classifier's own {_pct(clf['pgd'])} at its "
                   "output (95% Wilson intervals on "
-                  f"{n} points are about +-{50 * (wilson(0.5, n)[1] - wilson(0.5, n)[0]):.0f} points at worst)."]
+                  f"{n} points are about +-{50 * (wilson(0.5, n)[1] - wilson(0.5, n)[0]):.0f} points at worst).",
+                  "", "Layers by the robust probe's adaptive accuracy, best first: "
+                  + ", ".join(f"`{name}`" for name in ranked(result)) + "."]
     return "\n".join(lines) + "\n"
 
 

@@ -69,9 +69,13 @@ def validate(config: str, overrides: tuple[str, ...], grid: dict[str, list]) -> 
 
 
 def run_sweep(config: str, overrides: tuple[str, ...], grid: dict[str, list], store, ray_address=None,
-              workers=None, log=echo, verbose: bool = False) -> Path:
+              workers=None, log=echo, verbose: bool = False, stage: str = "all") -> Path:
+    """Every combination through the whole job (``stage='all'``: one row per combination) or through the probes
+    stage (``stage='probes'``: one row per combination and probed layer)."""
     cfgs = validate(config, overrides, grid)
     combos = combinations(grid)
+    if stage == "probes":
+        return _probe_sweep(config, overrides, grid, combos, cfgs, store, ray_address, workers, log, verbose)
     rows = []
     for i, (combo, cfg) in enumerate(zip(combos, cfgs), 1):
         log(f"[sweep] run {i}/{len(combos)}: " + ", ".join(f"{k}={json.dumps(v)}" for k, v in combo.items()))
@@ -83,7 +87,8 @@ def run_sweep(config: str, overrides: tuple[str, ...], grid: dict[str, list], st
         res = json.loads((outs["evaluate"].dir / "results.json").read_text())
         rows.append({"combo": combo, "summary": res["summary"], "reduced_strength": res["reduced_strength"],
                      "points": res["points"], "keys": {s: o.key for s, o in outs.items()}, "extra": _extra(res, outs),
-                     "wall_s": wall})
+                     "wall_s": wall, "intervals_95": res["intervals_95"], "eps": res["eps"],
+                     "randaa_settings": res["carso_randaa"].get("settings", {})})
     sweep_dir = store.root / cfgs[0].data.dataset / "sweeps" / fingerprint(config, list(overrides), grid)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(sweep_dir / "sweep.json", {"config": config, "overrides": list(overrides), "grid": grid,
@@ -93,8 +98,59 @@ def run_sweep(config: str, overrides: tuple[str, ...], grid: dict[str, list], st
     if list(grid) == ["eval.eps"]:
         eps_figure(rows, sweep_dir / "robust_accuracy_vs_eps.png")
         md += "\n![robust accuracy against eps](robust_accuracy_vs_eps.png)\n"
+    comparison_figure(figure_rows(grid, rows), sweep_dir / "comparison.png",
+                      figure_title(f"{cfgs[0].data.dataset} sweep", rows))
+    md += "\n![AT/AA and C/randAA per run, 95% Wilson intervals](comparison.png)\n"
     atomic_write_bytes(sweep_dir / "comparison.md", md.encode())
     log(f"[sweep] {len(rows)} run(s); comparison: {sweep_dir / 'comparison.md'}")
+    return sweep_dir
+
+
+PROBE_COLUMNS = [("transfer_probe", "clean"), ("transfer_probe", "transfer"), ("transfer_probe", "adaptive"),
+                 ("robust_probe", "clean"), ("robust_probe", "transfer"), ("robust_probe", "adaptive")]
+
+
+def _probe_sweep(config, overrides, grid, combos, cfgs, store, ray_address, workers, log, verbose) -> Path:
+    """The probes stage for every combination; comparison.md / .csv: one line per (combination, layer) with both
+    probe kinds' clean, transfer and adaptive accuracy and the classifier's own clean and PGD accuracy."""
+    runs = []
+    for i, (combo, cfg) in enumerate(zip(combos, cfgs), 1):
+        log(f"[sweep] run {i}/{len(combos)} (probes): " + ", ".join(f"{k}={json.dumps(v)}" for k, v in combo.items()))
+        ctx = runner.Context(cfg=cfg, store=store, ray_address=ray_address, workers=workers, log=log,
+                             verbose=verbose)
+        out = runner.run(ctx, "probes")[0]
+        runs.append({"combo": combo, "key": out.key, "probes": json.loads((out.dir / "probes.json").read_text())})
+    sweep_dir = store.root / cfgs[0].data.dataset / "sweeps" / fingerprint(config, list(overrides), grid, "probes")
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(sweep_dir / "sweep.json", {"config": config, "overrides": list(overrides), "grid": grid,
+                                                  "stage": "probes", "runs": runs})
+    head = [*grid, "layer", *(f"{k.split('_')[0]} {c}" for k, c in PROBE_COLUMNS), "classifier clean",
+            "classifier PGD", "probes_key"]
+    table = []
+    for r in runs:
+        p = r["probes"]
+        for row in p["layers"]:
+            table.append([_cell(r["combo"][k]) for k in grid] + [row["layer"]]
+                         + [row[k][c] if k in row else None for k, c in PROBE_COLUMNS]
+                         + [p["classifier"]["clean"], p["classifier"]["pgd"], r["key"]])
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(head)
+    for line in table:
+        w.writerow(["" if v is None else f"{v:.4f}" if isinstance(v, float) else v for v in line])
+    atomic_write_bytes(sweep_dir / "comparison.csv", buf.getvalue().encode())
+    s = runs[0]["probes"]["settings"]
+    md = ["# Probe sweep comparison", "",
+          f"Every attack: PGD {s['scoring_attack']['steps']} x {s['scoring_attack']['step_size']:g}, L-inf eps "
+          f"{s['eps']:g}, on test points {s['points'][0]}-{s['points'][1] - 1}; transfer: crafted against the "
+          "classifier alone; adaptive: against the probe itself through the frozen layers. Each run's report.md has "
+          "its probe training settings.", "",
+          "| " + " | ".join(head[:-1]) + " |", "|" + " --- |" * (len(head) - 1)]
+    for line in table:
+        md.append("| " + " | ".join(f"{100 * v:.1f}%" if isinstance(v, float) else "" if v is None else str(v)
+                                    for v in line[:-1]) + " |")
+    atomic_write_bytes(sweep_dir / "comparison.md", ("\n".join(md) + "\n").encode())
+    log(f"[sweep] {len(runs)} probe run(s); comparison: {sweep_dir / 'comparison.md'}")
     return sweep_dir
 
 
@@ -190,4 +246,80 @@ def eps_figure(rows: list[dict], png: Path) -> None:
     fig.tight_layout()
     with atomic_file(png) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+
+
+def figure_rows(grid: dict, rows: list[dict]) -> list[dict]:
+    """The sweep's rows as `comparison_figure` takes them: one label per grid combination, AT/AA and C/randAA
+    (fresh-draw mean, the number the gap uses) with their 95% Wilson intervals from each run's results.json."""
+    out = []
+    for r in rows:
+        ci = r["intervals_95"]
+        out.append({"label": ", ".join(f"{k}={_cell(r['combo'][k])}" for k in grid),
+                    "AT/AA": r["summary"]["AT/AA"], "AT/AA 95% CI": tuple(ci["AT/AA"]),
+                    "C/randAA": r["summary"]["C/randAA fresh mean"],
+                    "C/randAA 95% CI": tuple(ci["C/randAA fresh mean"])})
+    return out
+
+
+def figure_title(what: str, rows: list[dict]) -> str:
+    """A title that names the attack strength: REDUCED STRENGTH when any run is, randAA's steps x EOT and eps when
+    the runs share them."""
+    reduced = any(r["reduced_strength"] for r in rows)
+    sets = {(r["randaa_settings"].get("steps"), r["randaa_settings"].get("eot")) for r in rows}
+    eps = {r["eps"] for r in rows}
+    strength = "REDUCED STRENGTH" if reduced else "full strength"
+    attack = (f"randAA {next(iter(sets))[0]} steps x EOT {next(iter(sets))[1]}" if len(sets) == 1
+              else "randAA settings per run in comparison.md")
+    threat = f"L-inf eps {next(iter(eps))}" if len(eps) == 1 else "L-inf eps per run"
+    return f"{what}: {strength} ({attack}; classifier: standard AutoAttack; {threat})"
+
+
+def comparison_figure(rows: list[dict], png: Path, title: str) -> None:
+    """One pair of horizontal bars per row: the classifier alone under standard AutoAttack (AT/AA) and CARSO under
+    randomised AutoAttack (C/randAA), each with its 95% interval as an error bar, and the gap in the row's label.
+
+    ``rows``: dicts with ``label``, ``AT/AA``, ``AT/AA 95% CI`` (lo, hi), ``C/randAA``, ``C/randAA 95% CI``, all
+    accuracies as fractions in [0, 1]. ``title`` should name the attack strength (`figure_title`)."""
+    import textwrap
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not rows:
+        raise ValueError("comparison_figure: no rows")
+    n = len(rows)
+    fig, ax = plt.subplots(figsize=(6.4, 1.6 + 0.75 * n), layout="constrained")
+    h = 0.36
+    series = (("AT/AA", "classifier alone, standard AutoAttack (AT/AA)", "#4c72b0", -h / 2),
+              ("C/randAA", "CARSO, randomised AutoAttack, fresh-draw mean (C/randAA)", "#dd8452", h / 2))
+    for key, label, color, dy in series:
+        ys = [i + dy for i in range(n)]
+        vals = [100 * r[key] for r in rows]
+        lo = [100 * (r[key] - r[f"{key} 95% CI"][0]) for r in rows]
+        hi = [100 * (r[f"{key} 95% CI"][1] - r[key]) for r in rows]
+        ax.barh(ys, vals, height=h, color=color, label=label, xerr=[lo, hi],
+                error_kw={"ecolor": "black", "capsize": 3, "elinewidth": 1})
+        for y, r in zip(ys, rows):
+            a, b = r[f"{key} 95% CI"]
+            text = f"{100 * r[key]:.1f}%  ({100 * a:.1f}-{100 * b:.1f})"
+            if r[key] >= 0.32:  # inside the bar
+                ax.text(2, y, text, va="center", ha="left", fontsize=7, color="white", fontweight="bold")
+            else:  # too short a bar: beyond its interval
+                ax.text(100 * b + 1.5, y, text, va="center", ha="left", fontsize=7, color="black")
+    labels = [textwrap.fill(r["label"], 30) + f"\nC - AT = {100 * (r['C/randAA'] - r['AT/AA']):+.1f} points"
+              for r in rows]
+    ax.set_yticks(range(n), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("robust accuracy (%), error bars: 95% Wilson intervals", fontsize=8)
+    ax.tick_params(axis="x", labelsize=7)
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_axisbelow(True)
+    fig.suptitle("\n".join(textwrap.fill(line, 90) for line in title.splitlines()), fontsize=8)
+    fig.legend(loc="outside lower center", fontsize=7, ncol=1, frameon=False)
+    with atomic_file(png) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)

@@ -81,3 +81,16 @@ def test_bad_probe_settings_exit_2_in_one_line_before_any_stage(tmp_path, data_d
 def test_only_names_the_missing_upstream_stage(tmp_path, data_dir):
     r = cli("run", "--stage", "probes", "--only", *cli_args(tmp_path / "s", data_dir, sets=SETS))
     assert r.returncode != 0 and "run `--stage classifier` first" in r.stderr.strip().splitlines()[-1], r.stderr
+
+
+@pytest.mark.slow
+def test_a_probe_sweep_tabulates_every_combination_and_layer(store, data_dir):
+    r = cli("sweep", "--stage", "probes", "--grid", "probes.layers=[conv3],[conv1,conv2]",
+            *cli_args(store, data_dir, sets=SETS))
+    assert r.returncode == 0, r.stderr[-2000:]
+    md = next((store / "fmnist" / "sweeps").glob("*/comparison.md")).read_text()
+    rows = [line for line in md.splitlines() if line.startswith("| `") or line.startswith("| [")]
+    assert len(rows) == 3 and "robust adaptive" in md and "PGD 3 x 0.01" in md, md
+    whole = json.loads((make_ctx(store, data_dir).output("probes").dir / "probes.json").read_text())
+    conv1 = whole["layers"][0]["robust_probe"]["adaptive"]
+    assert any(f"| conv1 |" in line and f"{100 * conv1:.1f}%" in line for line in rows), md
