@@ -85,8 +85,7 @@ def prepare_worker(threads: int) -> None:
     the kernel on free, and gives the top of its heap back above its trim threshold; every page of such memory
     faults again, zero-filled, when the next tensor touches it. A plain process that loaded its data first has
     had its thresholds raised by those big frees; a Ray worker that received the same data deserialised has
-    not always, and adversarial training there took up to 10-50x the page faults and ran 10-40% slower (README,
-    Benchmarks; ``bench/classifier_throughput.py`` reports the faults, ``tests/test_worker_setup.py`` shows it).
+    not always, and adversarial training there took up to 10-50x the page faults and ran 10-40% slower (bench/README.md; ``bench/classifier_throughput.py`` reports the faults, ``tests/test_worker_setup.py`` shows it).
     Numbers are unchanged: only where the memory comes from differs. Without glibc (macOS, musl) this sets the
     threads only."""
     torch.set_num_threads(threads)

@@ -146,7 +146,7 @@ class PurifierConfig:
     beta_start_epoch: int = rng(default=25, ge=0)
     beta_end_epoch: int = rng(default=34, ge=0)
     # The KL weight reached at beta_end_epoch. Table 14: 1 (the plain VAE loss); anything else departs from the
-    # paper (a beta-VAE weight, e.g. against posterior collapse) and is labelled so in the README.
+    # paper (a beta-VAE weight, e.g. against posterior collapse) and is labelled so in docs/results.md.
     beta_max: float = rng(default=1.0, gt=0)
     # Global batch (all workers together) and the adversarial share of each batch.
     batch_size: int = rng(default=5120, ge=1)

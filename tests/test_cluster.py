@@ -1,4 +1,4 @@
-"""The cluster path the README documents, for real: a Ray head started with `ray start --head` (free ports, its
+"""The cluster path docs/cluster.md documents, for real: a Ray head started with `ray start --head` (free ports, its
 own temp dir), the README's `ray job submit ... --working-dir . -- pipeline run ... --ray-address auto` for a
 small attacks run, and the store checked afterwards. The head is stopped whatever happens."""
 import json

@@ -6,7 +6,7 @@
                                                                                           |     -> (mu, logvar) of z
     z (f_joint) ~ q(z|x,c) in training, N(0, I) at inference; concat(z, c) -> Decoder (Table 10 / 11) -> x_hat
 
-Choices where the paper is silent or inconsistent (documented in README "Faithfulness notes"):
+Choices where the paper is silent or inconsistent (documented in docs/faithfulness.md):
 
 - Table 9's second head is read as the log-variance (std = exp(logvar / 2)), the usual stable
   parameterisation of "a standard deviation".
