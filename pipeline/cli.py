@@ -2,6 +2,7 @@
 way out: a user error, Ctrl-C or SIGTERM is one line and an exit code."""
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -19,7 +20,20 @@ STAGE_NAMES = list(runner.STAGES) + ["all"]
 
 def _fail(msg: str, code: int) -> None:
     click.echo(f"error: {msg}", err=True)
+    if code in (EXIT_INTERRUPTED, EXIT_TERMINATED):
+        _quiet_console()
     sys.exit(code)
+
+
+def _quiet_console() -> None:
+    """After the last line of an interrupted run, nothing else reaches the console: Ray's core worker keeps logging
+    from its C++ threads while the interpreter shuts it down (``task_manager.cc: Failed to push error to driver``,
+    its signal stack dumps); those lines say nothing the user can act on (Ray's log files keep them)."""
+    sys.stderr.flush()
+    sys.stdout.flush()
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    os.dup2(null, 2)
 
 
 def _context(config: str, overrides: tuple[str, ...], store: str, ray_address: str | None,

@@ -163,11 +163,11 @@ def stopped(ctx, stage: str, only: bool = False) -> str:
     Read from the store; never raises (it runs on the way out of a failed run)."""
     try:
         current, out, done = _first_unfinished(ctx, targets(ctx, stage, only))
+        n = _units_done(out) if current is not None else 0
     except Exception:  # noqa: BLE001 - a message on the way out must not replace the error
         return "the finished units are kept"
     if current is None:
         return f"{', '.join(done)} complete"
-    n = _units_done(out)
     return f"{current}: {n} unit(s) finished and kept" + (f" ({', '.join(done)} complete)" if done else "")
 
 

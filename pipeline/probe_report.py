@@ -43,8 +43,9 @@ def markdown(result: dict) -> str:
     lines = [f"# Linear probes: {result['dataset']}, {result['arch']}", "",
              f"{n} test points (indices {lo} to {hi - 1}); L-inf eps = {s['eps']:g}; every attack is PGD "
              f"{atk['steps']} steps of {atk['step_size']:g}, CE, random start. transfer: PGD crafted against the "
-             "classifier alone, read by the probe; adaptive: PGD crafted against the probe itself through the frozen "
-             "classifier layers up to its layer.", ""]
+             "classifier alone, read by the probe (plain accuracy on the attacked points: it can exceed clean); adaptive: "
+             "PGD crafted against the probe itself through the frozen classifier layers up to its layer (a point "
+             "counts when the probe is right on it clean and attacked, as for the classifier's PGD).", ""]
     if s.get("transfer_probe"):
         lines.append(f"- transfer probe: fitted on {s['transfer_probe']['fitted_on']}, {s['transfer_probe']['epochs']} "
                      "epochs.")

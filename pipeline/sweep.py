@@ -143,8 +143,8 @@ def _probe_sweep(config, overrides, grid, combos, cfgs, store, ray_address, work
     md = ["# Probe sweep comparison", "",
           f"Every attack: PGD {s['scoring_attack']['steps']} x {s['scoring_attack']['step_size']:g}, L-inf eps "
           f"{s['eps']:g}, on test points {s['points'][0]}-{s['points'][1] - 1}; transfer: crafted against the "
-          "classifier alone; adaptive: against the probe itself through the frozen layers. Each run's report.md has "
-          "its probe training settings.", "",
+          "classifier alone; adaptive: against the probe itself through the frozen layers (the first run's "
+          "settings; each run's report.md has its own, with its probe training settings).", "",
           "| " + " | ".join(head[:-1]) + " |", "|" + " --- |" * (len(head) - 1)]
     for line in table:
         md.append("| " + " | ".join(f"{100 * v:.1f}%" if isinstance(v, float) else "" if v is None else str(v)

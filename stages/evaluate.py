@@ -1,8 +1,8 @@
 """Stage `evaluate`: CARSO and the classifier alone under attack, on Ray tasks over test-set chunks.
 
 Chunk c holds test points [first + c*K, first + (c+1)*K) (K = ``eval.chunk_size``, first =
-``eval.first_example``) and is evaluated with the seed ``eval.seed * 100003 + i``, i the absolute test index of its
-first point, whatever task runs it: the merged result does not depend on the number of workers, and points 0-199
+``eval.first_example``) and is evaluated with the seed ``8 * (eval.seed * 100003 + i)``, i the absolute test index
+of its first point, whatever task runs it: the merged result does not depend on the number of workers, and points 0-199
 evaluated as two runs (0-99, 100-199) get exactly the chunks of one run over 0-199 (K dividing 100). Each finished chunk writes its per-point outcomes (``chunks/chunk-NNNN.json``) and a receipt; a
 killed evaluation resumes from the finished chunks. The merge counts every chunk exactly once.
 Outputs: ``results.json``, ``report.md``, ``reconstructions.png``.
@@ -65,9 +65,14 @@ def key(ctx: Context) -> str:
                         "eval": ev})
 
 
+# Each chunk's attacks derive their seeds as the chunk seed + 0..5 (pipeline.evaluation.carso_attacks): chunk seeds
+# 8 apart never share one, whatever the chunk size.
+SEED_STRIDE = 8
+
+
 def chunk_seed(seed: int, first_point: int) -> int:
     """The seed of the chunk whose first point is test index ``first_point`` (absolute, not the run's offset)."""
-    return seed * 100003 + first_point
+    return (seed * 100003 + first_point) * SEED_STRIDE
 
 
 def _purifier_state(pur: Output) -> dict:

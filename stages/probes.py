@@ -67,9 +67,14 @@ def probed_layers(ctx: Context) -> list[str]:
 
 def key(ctx: Context) -> str:
     cfg = ctx.cfg
-    ident = {"stage": "probes", "weights_sha256": classifier_identity(ctx)["weights_sha256"],
+    p = cfg.probes
+    # Only what the enabled probe kinds read: the transfer probes' epochs and the robust probes' training settings
+    # leave the key when that kind is off.
+    off = (() if p.transfer else ("epochs",)) + (() if p.robust else tuple(
+        f for f in ("robust_examples", "robust_epochs", "robust_pgd_steps", "robust_pgd_step_size")))
+    ident = {"stage": "probes", "classifier": classifier_identity(ctx),  # arch, activation and weights sha256
              "layers": probed_layers(ctx), "eps": resolved_eps(cfg), "test": data_identity(cfg, "test"),
-             "probes": key_fields(cfg.probes, exclude=("layers", "eps"))}
+             "probes": key_fields(p, exclude=("layers", "eps", *off))}
     if cfg.probes.transfer:
         ident["activations"] = ctx.upstream("activations").key
     if cfg.probes.robust:

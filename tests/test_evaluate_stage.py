@@ -90,7 +90,7 @@ def test_two_workers_equal_one_worker_and_outputs(store, data_dir, tmp_path):
     for c in (0, 1):
         moved = json.loads((shifted.dir / "chunks" / f"chunk-{c:04d}.json").read_text())
         whole = json.loads((two.dir / "chunks" / f"chunk-{c + 1:04d}.json").read_text())
-        assert moved["seed"] == whole["seed"] == 4 * (c + 1)
+        assert moved["seed"] == whole["seed"] == 8 * 4 * (c + 1)
         # (The obfuscation check runs after the surrogate on the same random stream, so only it may differ.)
         same = {k: v for k, v in whole.items() if k not in ("seconds", "chunk", "range", "obfuscation")}
         assert {k: moved[k] for k in same} == same
@@ -116,7 +116,7 @@ def test_killed_evaluation_resumes_to_the_same_result(store, data_dir, tmp_path)
     assert ref.key == out_dir.name
     a = json.loads((out_dir / "results.json").read_text())
     b = json.loads((ref.dir / "results.json").read_text())
-    assert a["summary"] == b["summary"] and a["chunk_seeds"] == b["chunk_seeds"] == [0, 4, 8]
+    assert a["summary"] == b["summary"] and a["chunk_seeds"] == b["chunk_seeds"] == [0, 32, 64]
     assert _chunks(ref) == {p.name: {k: v for k, v in json.loads(p.read_text()).items() if k != "seconds"}
                             for p in sorted((out_dir / "chunks").glob("chunk-*.json"))}
 

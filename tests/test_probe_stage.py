@@ -80,7 +80,8 @@ def test_bad_probe_settings_exit_2_in_one_line_before_any_stage(tmp_path, data_d
 
 def test_only_names_the_missing_upstream_stage(tmp_path, data_dir):
     r = cli("run", "--stage", "probes", "--only", *cli_args(tmp_path / "s", data_dir, sets=SETS))
-    assert r.returncode != 0 and "run `--stage classifier` first" in r.stderr.strip().splitlines()[-1], r.stderr
+    errors = [line for line in r.stderr.strip().splitlines() if not line.startswith("[")]
+    assert r.returncode == 1 and len(errors) == 1 and "run `--stage classifier` first" in errors[0], r.stderr
 
 
 @pytest.mark.slow
