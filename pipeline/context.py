@@ -107,11 +107,16 @@ def cached_layers(ctx: Context) -> list[str]:
     return list(layers)
 
 
-def conditioning_layers(ctx: Context) -> list[str]:
-    """The layers the purifier conditions on: ``purifier.layers`` or every cached layer."""
+def cached_subset(ctx: Context, key: str, wanted: list[str] | None) -> list[str]:
+    """``wanted`` (the setting ``key``) or every cached layer; a layer that is not cached is a one-line error."""
     cached = cached_layers(ctx)
-    wanted = ctx.cfg.purifier.layers or cached
+    wanted = wanted or cached
     missing = [name for name in wanted if name not in cached]
     if missing:
-        raise StoreError(f"purifier.layers: {', '.join(missing)} not among the cached layers ({', '.join(cached)})")
+        raise StoreError(f"{key}: {', '.join(missing)} not among the cached layers ({', '.join(cached)})")
     return list(wanted)
+
+
+def conditioning_layers(ctx: Context) -> list[str]:
+    """The layers the purifier conditions on: ``purifier.layers`` or every cached layer."""
+    return cached_subset(ctx, "purifier.layers", ctx.cfg.purifier.layers)

@@ -31,11 +31,11 @@ from pipeline import probe_report
 from pipeline import probes as P
 from pipeline.cluster import default_workers, device_for, prepare_worker, worker_resources
 from pipeline.config import ProbesConfig, fingerprint, key_fields, to_dict
-from pipeline.context import Context, cached_layers, classifier_identity, data_identity
+from pipeline.context import Context, cached_subset, classifier_identity, data_identity
 from pipeline.data import info, load_split, to_float
 from pipeline.log import Progress
 from pipeline.models import classifier_payload
-from pipeline.store import Output, StoreError, atomic_file, atomic_write_json, file_record
+from pipeline.store import Output, atomic_file, atomic_write_json, file_record
 from pipeline.zarr_store import ActivationReader
 from stages import _pool
 from stages._pool import unbox
@@ -57,12 +57,7 @@ def resolved_eps(cfg) -> float:
 
 def probed_layers(ctx: Context) -> list[str]:
     """``probes.layers`` or every cached layer; a layer that is not cached is a one-line error."""
-    cached = cached_layers(ctx)
-    wanted = ctx.cfg.probes.layers or cached
-    missing = [name for name in wanted if name not in cached]
-    if missing:
-        raise StoreError(f"probes.layers: {', '.join(missing)} not among the cached layers ({', '.join(cached)})")
-    return list(wanted)
+    return cached_subset(ctx, "probes.layers", ctx.cfg.probes.layers)
 
 
 def key(ctx: Context) -> str:
