@@ -6,6 +6,8 @@ import ctypes.util
 import logging
 import os
 import shutil
+import signal
+import time
 from pathlib import Path
 
 import torch
@@ -46,6 +48,49 @@ def connect(address: str | None, log=print, verbose: bool = False) -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the stages print their own progress lines
     ctx.print_on_execution_start = False
+
+
+def _descendants() -> list[int]:
+    """Every live process below this one (Linux: read from /proc; elsewhere none are known)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(entry.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.parent.name))
+    found, todo = [], [os.getpid()]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            found.append(c)
+            todo.append(c)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has stopped running
+
+
+def stop_local(timeout: float = 30.0) -> None:
+    """Shut down the local Ray instance this process started and wait (up to ``timeout`` s, then SIGKILL) until
+    its processes, the raylet and the workers below it, have exited: after this returns nothing of the run
+    writes into the store any more."""
+    import ray
+
+    pids = _descendants()
+    ray.shutdown()
+    deadline = time.monotonic() + timeout
+    while (alive := [p for p in pids if _alive(p)]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for pid in alive:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
 
 
 def cluster_gpus() -> int:

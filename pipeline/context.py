@@ -10,10 +10,11 @@ What one stage needs to know of another's output is a public function here (``cl
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import ModuleType
 from typing import Callable, Mapping
 
-from .cluster import connect
+from .cluster import connect, save_logs, stop_local
 from .config import RunConfig, fingerprint
 from .errors import UserError
 from .log import echo
@@ -42,12 +43,29 @@ class Context:
     # True once Ray is connected: by ``ray()`` on first use, or by a caller (a test, a notebook) that connected it.
     ray_ready: bool = field(default=False, repr=False)
     _keys: dict = field(default_factory=dict, repr=False)
+    _started_local_ray: bool = field(default=False, repr=False)
+    saved_logs: str | None = field(default=None, repr=False)  # where stop_local_ray copied Ray's logs
 
     def ray(self) -> None:
         """Connect to Ray on first use (cache hits never start Ray)."""
         if not self.ray_ready:
+            import ray
+
+            started = not ray.is_initialized() and self.ray_address in (None, "", "local")
             connect(self.ray_address, log=self.log, verbose=self.verbose)
-            self.ray_ready = True
+            self.ray_ready, self._started_local_ray = True, started
+
+    def stop_local_ray(self, logs_to: Path | None = None) -> bool:
+        """Stop the local Ray instance this run started (first copying Ray's logs into ``logs_to``, if given),
+        waiting until its workers have exited (``cluster.stop_local``); False when there is none (a cluster's
+        tasks end with the driver; an instance a caller connected is theirs)."""
+        if not self._started_local_ray:
+            return False
+        if logs_to is not None:
+            self.saved_logs = save_logs(logs_to)
+        stop_local()
+        self.ray_ready = self._started_local_ray = False
+        return True
 
     def key(self, stage: str) -> str:
         """The store key of a stage: its module's ``key(ctx)`` (everything in the config and upstream that

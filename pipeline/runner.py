@@ -86,6 +86,7 @@ def run_stage(ctx: Context, stage: str, rebuild: bool = False) -> Output:
             mod.run(ctx, out)
             ctx.forget_keys()  # downstream keys read this output's manifest
         except BaseException:
+            _stop_writers(ctx, out)
             if not has_files(out.dir):
                 shutil.rmtree(out.dir, ignore_errors=True)
             raise
@@ -93,6 +94,19 @@ def run_stage(ctx: Context, stage: str, rebuild: bool = False) -> Output:
         raise StoreError(f"{out.dir}: stage '{stage}' finished without writing its manifest")
     ctx.log(f"[{stage}] done in {human_seconds(time.perf_counter() - t0)}: {out.dir}")
     return out
+
+
+def _stop_writers(ctx: Context, out: Output) -> None:
+    """On the way out of a failed or interrupted stage (the output's lock held): on a local Ray instance of this
+    run, save Ray's logs, stop its workers (one may be half-way through a shard) and remove what they left
+    half-written. On a cluster the job's tasks end with the driver, and what they leave is removed when the stage
+    resumes (above) or by ``pipeline verify --fix``. Never raises over the error being handled."""
+    try:
+        if ctx.stop_local_ray(logs_to=None if ctx.verbose else ctx.store.root / "logs"):
+            for tmp in stale_temporaries(out.dir):
+                tmp.unlink(missing_ok=True)
+    except Exception:  # noqa: BLE001
+        pass
 
 
 def run(ctx: Context, stage: str, only: bool = False, rebuild: bool = False) -> list[Output]:
@@ -119,8 +133,8 @@ def run(ctx: Context, stage: str, only: bool = False, rebuild: bool = False) -> 
             ran = ran or ctx.output_or_none(s, complete=True) is None
             outs.append(run_stage(ctx, s, rebuild=rebuild and (stage == "all" or s == stage)))
     finally:
-        if ran and ctx.ray_ready and not ctx.verbose:
-            where = save_logs(ctx.store.root / "logs")
+        if ran and not ctx.verbose and (ctx.saved_logs or ctx.ray_ready):
+            where = ctx.saved_logs or save_logs(ctx.store.root / "logs")
             if where:
                 ctx.log(f"[ray] Ray's own logs (workers, Ray Train): {where} (--verbose prints them here)")
     if outs[-1].stage == "evaluate":
