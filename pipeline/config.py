@@ -22,6 +22,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 from .errors import EXIT_CONFIG, UserError
+from .kinds import N_KINDS
 
 
 class ConfigError(UserError, ValueError):
@@ -117,7 +118,7 @@ class ActivationsConfig:
     # Hooked classifier layers; None = the architecture's default list (Table 5 for WRN-28-10).
     layers: Optional[list[str]] = None
     dtype: Literal["float16", "float32"] = "float16"
-    # Zarr chunk length along N; must divide 5 * attack.shard_size.
+    # Zarr chunk length along N; must divide N_KINDS (5) * attack.shard_size.
     chunk_rows: int = rng(default=1000, ge=1)
     clevel: int = rng(default=3, ge=1, le=9)
     batch_size: int = rng(default=250, ge=1)
@@ -171,7 +172,6 @@ class EvalConfig:
     n_examples: Optional[int] = rng(default=None, ge=1)
     samples: int = rng(default=8, ge=1)
     aggregation: Literal["robust", "logit", "prob"] = "robust"
-    aa_version: Literal["rand", "standard"] = "rand"
     aa_steps: int = rng(default=100, ge=1)
     aa_eot: int = rng(default=20, ge=1)
     pgd_eot_steps: int = rng(default=200, ge=1)
@@ -324,6 +324,9 @@ def _cross_checks(obj, source: str, prefix: str) -> None:
         problem = arch_problem(obj.arch)
         if problem:
             raise ConfigError(source, f"{prefix}arch", problem)
+        if obj.arch == "cnn" and obj.activation != "relu":
+            raise ConfigError(source, f"{prefix}activation", f"'{obj.activation}' applies to wrn-D-W classifiers; the "
+                              "SmallCNN (arch cnn) is built with ReLU only")
         if obj.source == "robustbench" and not obj.robustbench_name:
             raise ConfigError(source, f"{prefix}robustbench_name", "required when classifier.source is 'robustbench'")
         if obj.source == "file" and not obj.path:
@@ -338,10 +341,10 @@ def _cross_checks(obj, source: str, prefix: str) -> None:
     if isinstance(obj, ProbesConfig) and not (obj.transfer or obj.robust):
         raise ConfigError(source, f"{prefix}robust", "probes.transfer and probes.robust are both false: no probe to fit")
     if isinstance(obj, RunConfig):
-        rows = 5 * obj.attack.shard_size
+        rows = N_KINDS * obj.attack.shard_size
         if rows % obj.activations.chunk_rows:
-            raise ConfigError(source, "activations.chunk_rows",
-                              f"must divide 5 * attack.shard_size = {rows} (got {obj.activations.chunk_rows})")
+            raise ConfigError(source, "activations.chunk_rows", f"must divide {N_KINDS} * attack.shard_size = {rows} "
+                              f"(the stored kinds per example x examples per shard; got {obj.activations.chunk_rows})")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -391,12 +394,45 @@ def read_yaml(path: str | Path, what: str = "config file"):
         raise ConfigError(source, "", f"invalid YAML{where}") from None
 
 
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Load a YAML config file and apply ``key=value`` overrides; raise ConfigError on any problem."""
-    source = str(path)
+BASE_KEY = "base"  # a config's parent file: ``base: fmnist.yaml`` (relative to the config's own folder)
+
+
+def _merge(base: dict, child: dict) -> dict:
+    """``child`` over ``base``: sections merge key by key, any other value (a list too) replaces the base's."""
+    out = dict(base)
+    for k, v in child.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_config_tree(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
+    """A config file as one mapping: its ``base`` chain read first and the file's own keys merged over it.
+    ConfigError (one line naming the file) for a missing or unreadable base, a base that is not a file name,
+    or a cycle."""
+    path, source = Path(path), str(path)
     raw = read_yaml(path) or {}
     if not isinstance(raw, dict):
         raise ConfigError(source, "", "top level must be a mapping")
+    base = raw.pop(BASE_KEY, None)
+    if base is None:
+        return raw
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(source, BASE_KEY, "must be the path of another config file, relative to this one's folder")
+    base_path = path.parent / base
+    chain = (*_chain, path.resolve())
+    if base_path.resolve() in chain:
+        names = " -> ".join(str(p.name) for p in (*chain, base_path.resolve()))
+        raise ConfigError(source, BASE_KEY, f"the base chain is a cycle ({names})")
+    if not base_path.is_file():
+        raise ConfigError(source, BASE_KEY, f"{base_path}: base config file not found")
+    return _merge(read_config_tree(base_path, chain), raw)
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Load a YAML config file (with its ``base`` chain) and apply ``key=value`` overrides; raise ConfigError on
+    any problem."""
+    source = str(path)
+    raw = read_config_tree(path)
     cfg = build(RunConfig, raw, source=source)
     if overrides:
         for text in overrides:

@@ -10,7 +10,41 @@ SHIPPED = sorted((REPO / "configs").glob("*.yaml"))
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
 def test_shipped_configs_validate(path):
     cfg = load_config(path)
-    assert isinstance(cfg, RunConfig)
+    assert cfg.name == path.stem  # each shipped config names its own runs (a copied file that forgot it fails)
+
+
+def test_base_chain_merges_sections_key_by_key(tmp_path):
+    (tmp_path / "a.yaml").write_text("name: a\nattack:\n  eps: 0.2\n  pgd_steps: 9\npurifier:\n  layers: [x, y]\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\nname: b\nattack:\n  pgd_steps: 3\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "c.yaml").write_text("base: ../b.yaml\npurifier:\n  layers: [z]\n")
+    c = load_config(tmp_path / "sub" / "c.yaml")
+    assert (c.name, c.attack.eps, c.attack.pgd_steps, c.purifier.layers) == ("b", 0.2, 3, ["z"])
+    # The shipped children are what their bases say, but for the lines they change.
+    carso, default = load_config(REPO / "configs/fmnist_carso.yaml"), load_config(REPO / "configs/fmnist.yaml")
+    assert carso.purifier == default.purifier and carso.attack == default.attack
+    assert (carso.eval.n_examples, carso.eval.aa_steps, default.eval.aa_steps) == (200, 100, 20)
+    assert len((REPO / "configs/fmnist_carso.yaml").read_text().splitlines()) < 25
+
+
+@pytest.mark.parametrize("text,message", [
+    ("base: nowhere.yaml\n", "nowhere.yaml: base config file not found"),
+    ("base: [a]\n", "base: must be the path of another config file"),
+    ("base: c.yaml\n", "the base chain is a cycle (c.yaml -> c.yaml)"),
+])
+def test_bad_base_is_one_line_naming_the_file(tmp_path, text, message):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert message in str(e.value) and str(e.value).startswith(str(p)) and "\n" not in str(e.value)
+
+
+def test_base_cycle_through_two_files(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match=r"cycle \(a.yaml -> b.yaml -> a.yaml\)"):
+        load_config(tmp_path / "a.yaml")
 
 
 def test_paper_values_in_scenario_configs():
@@ -35,7 +69,8 @@ def test_unknown_key_names_full_key(tmp_path):
                                           ("classifier.train.epochs=0", "classifier.train.epochs"),
                                           ("data.dataset=mnist", "data.dataset"),
                                           ("attack.pgd_random_start=3", "attack.pgd_random_start"),
-                                          ("activations.chunk_rows=7", "activations.chunk_rows")])
+                                          ("activations.chunk_rows=7", "activations.chunk_rows"),
+                                          ("classifier.activation=swish", "classifier.activation")])
 def test_bad_override_names_key(override, key):
     with pytest.raises(ConfigError) as e:
         load_config(REPO / "configs/fmnist.yaml", [override])
