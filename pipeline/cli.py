@@ -134,10 +134,11 @@ space_option = click.option("--no-space-check", "no_space_check", is_flag=True, 
                                  "write (`pipeline plan` shows both; activations at an estimated compression "
                                  "ratio). Without it such a run stops before any work (exit 2).")
 workers_option = click.option("--workers", type=click.IntRange(min=1), default=None, metavar="N",
-                              help="Model workers per stage (Ray actors / Train workers / evaluation tasks). "
-                                   "Default: one per GPU; on CPU one actor using every core (attacks, activations), "
-                                   "purifier.workers (purifier), one task per core (evaluate). Never changes results "
-                                   "or store keys.")
+                              help="Model workers of the stages whose results do not depend on it (attacks and "
+                                   "activations actors, evaluation and probe tasks). Default: one per GPU; on CPU one "
+                                   "actor using every core (attacks, activations), one task per core (evaluate). Never "
+                                   "changes results or store keys. The purifier's Ray Train workers are "
+                                   "purifier.workers (a config key, in its store key: the count changes the weights).")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -38,7 +38,10 @@ def _source_key(ctx: Context) -> dict:
     if ctx.cfg.purifier.activations_source == "cache":
         return {"activations": ctx.upstream("activations").key}
     attacks = ctx.upstream("attacks")
-    return {"attacks": attacks.key, "activations_dtype": ctx.cfg.activations.dtype}
+    a = ctx.cfg.activations
+    # Recomputed on the fly: the classifier's forward under activations.precision (float32 absent, as elsewhere).
+    return {"attacks": attacks.key, "activations_dtype": a.dtype,
+            **({"activations_precision": a.precision} if a.precision != "float32" else {})}
 
 
 # Code version of this stage, part of its store key (pipeline.context.Context.key): bump it whenever a change
@@ -57,7 +60,10 @@ def upstream(cfg) -> tuple[str, ...]:
 
 def key(ctx: Context) -> str:
     # ``layers`` enters through the resolved list only: null and the equivalent explicit list share a key.
-    p = key_fields(ctx.cfg.purifier, exclude=("workers", "layers"))
+    # ``workers`` is in it: each worker's shards and batch stream follow its rank and the count
+    # (pipeline/balanced.py), and DDP sums gradients in a different order, so 1 and 2 workers train different
+    # bytes. That is also why ``--workers`` (the count of byte-invariant model workers) does not apply here.
+    p = key_fields(ctx.cfg.purifier, exclude=("layers",))
     attacks = ctx.upstream("attacks")
     return fingerprint({"stage": "purifier", "attacks": attacks.key, **_source_key(ctx),
                         "weights_sha256": classifier_identity(ctx)["weights_sha256"],
@@ -230,7 +236,11 @@ def run(ctx: Context, out: Output) -> None:
     units = attacks.manifest()["units"]
     examples = [u["stop"] - u["start"] for u in units]
     ctx.ray()
-    workers = ctx.workers or p.workers
+    workers = p.workers
+    if ctx.workers and ctx.workers != workers:
+        ctx.log(f"[purifier] --workers {ctx.workers} does not apply to the purifier (its worker count changes the "
+                f"trained weights, so it is part of the key): purifier.workers = {workers}; --set "
+                f"purifier.workers=N changes it")
     gpus = cluster_gpus()
     worker_kinds(p.batch_size, p.adv_fraction, workers, 0)  # validates divisibility before launching
     steps = steps_per_epoch(examples, p.batch_size, workers)
