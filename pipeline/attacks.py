@@ -14,8 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# Names of the training-set attack kinds (section 4.4 / 5.1), in the order they are stored.
-KINDS = ("clean", "fgsm_half", "fgsm", "pgd_half", "pgd")
+from .kinds import KINDS  # noqa: F401 - the stored kinds, in their order (re-exported: attacks.KINDS)
 
 
 def _project(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:

@@ -19,7 +19,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .attacks import KINDS
+from .kinds import KINDS, N_KINDS
 from .shards import read_shard_arrays
 from .store import Output as Out
 from .store import require_intact
@@ -148,7 +148,7 @@ class ShardLoader:
         images = read_shard_arrays(self.attacks.dir / name)["image"]
         acts = None
         if self.reader is not None:
-            rows = self.reader.read(5 * u["start"], 5 * u["stop"])
+            rows = self.reader.read(N_KINDS * u["start"], N_KINDS * u["stop"])
             acts = {n: rows[n] for n in self.reader.layers}
         data = ShardData(images=images, acts=acts)
         size = images.nbytes + sum(a.nbytes for a in (acts or {}).values())

@@ -189,17 +189,26 @@ class PGDEOTRun:
         return Adversarial(x_adv, settings | {"seed": self.seed})
 
 
+# What each of a chunk's random streams adds to the chunk's seed (every offset below SEED_STRIDE of
+# stages/evaluate.py, so two chunks never share a stream). Changing one re-seeds every stored evaluation.
+SEED_OFFSETS = {"randaa": 0, "pgd_eot_global": 1, "pgd_eot": 2, "purification": 3, "pgd_eot_logit": 4,
+                "randaa_global": 5}
+
+
 def carso_attacks(ev, seed: int, device: str) -> list:
     """The attacks on CARSO of one chunk, in the order they run (each result is stored under the attack's name):
     randAA at eps, PGD+EOT, optionally PGD+EOT through logit aggregation, and randAA at ``obfuscation_eps`` (the
     gradient-obfuscation check). The seeds are fixed functions of the chunk's seed."""
-    aa = {"version": "rand", "seed": seed, "batch_size": ev.batch_size, "device": device, "backend": ev.backend,
-          "steps": ev.aa_steps, "eot": ev.aa_eot}
+    s = {name: seed + offset for name, offset in SEED_OFFSETS.items()}
+    aa = {"version": "rand", "seed": s["randaa"], "batch_size": ev.batch_size, "device": device,
+          "backend": ev.backend, "steps": ev.aa_steps, "eot": ev.aa_eot}
     pgd_ = {"eps": ev.eps, "steps": ev.pgd_eot_steps, "step_size": ev.pgd_eot_step_size, "eot": ev.pgd_eot_iters}
-    attacks = [AutoAttackRun(name="carso_randaa", eps=ev.eps, global_seed=seed + 5, check_gradient_at_start=True, **aa),
-               PGDEOTRun(name="carso_pgd_eot", seed=seed + 2, global_seed=seed + 1, **pgd_)]
+    attacks = [AutoAttackRun(name="carso_randaa", eps=ev.eps, global_seed=s["randaa_global"],
+                             check_gradient_at_start=True, **aa),
+               PGDEOTRun(name="carso_pgd_eot", seed=s["pgd_eot"], global_seed=s["pgd_eot_global"], **pgd_)]
     if ev.pgd_eot_logit_surrogate:
-        attacks.append(PGDEOTRun(name="carso_pgd_eot_logit", seed=seed + 4, gradient_through="logit", **pgd_))
+        attacks.append(PGDEOTRun(name="carso_pgd_eot_logit", seed=s["pgd_eot_logit"], gradient_through="logit",
+                                 **pgd_))
     attacks.append(AutoAttackRun(name="obfuscation", eps=ev.obfuscation_eps, **aa))
     return attacks
 
@@ -224,13 +233,14 @@ def stochasticity(carso, x: torch.Tensor, batch_size: int) -> dict:
 def diagnostics(classifier, carso, x: torch.Tensor, y: torch.Tensor, ev, seed: int) -> dict:
     """Purification (classifier and CARSO on PGD examples crafted against the classifier alone) and stochasticity
     (on the clean inputs), per point."""
-    gen = torch.Generator().manual_seed(seed + 3)
+    seed = seed + SEED_OFFSETS["purification"]
+    gen = torch.Generator().manual_seed(seed)
     xp = pgd(classifier, x, y, eps=ev.eps, generator=gen, **PURIFICATION_PGD)
     return {"clf_pgd": (predict(classifier, xp, ev.batch_size) == y).int().tolist(),
             "carso_pgd": fresh_draws(carso, xp, y, ev.fresh_draws, ev.batch_size).int().tolist(),
             **stochasticity(carso, x, ev.batch_size),
             "settings": {"attack": "PGD against the classifier alone", "norm": "Linf", "eps": ev.eps,
-                         **PURIFICATION_PGD, "random_start": True, "loss": "CE", "seed": seed + 3}}
+                         **PURIFICATION_PGD, "random_start": True, "loss": "CE", "seed": seed}}
 
 
 def _scored(model, x_adv, y, clean_ok, ev) -> dict:

@@ -43,10 +43,6 @@ def stage_module(stage: str) -> ModuleType:
     return STAGES[stage]
 
 
-def stage_key(ctx: Context, stage: str) -> str:
-    return ctx.key(stage)
-
-
 def needed(ctx: Context, stage: str) -> list[str]:
     """``stage`` and every stage it needs (its declared UPSTREAM, transitively), in pipeline order."""
     want, todo = {stage}, [stage]

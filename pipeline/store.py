@@ -19,7 +19,7 @@ import secrets
 import socket
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Iterable
@@ -250,7 +250,6 @@ class Output:
 @dataclass
 class Store:
     root: Path
-    _made: set = field(default_factory=set, repr=False)
 
     def __post_init__(self):
         self.root = Path(self.root)

@@ -2,7 +2,7 @@
 
 Row r of every array is sample r of the attack shards taken in order (shard 0's five samples per example,
 then shard 1's, ...). One unit per attack shard; its rows are chunk-aligned (``activations.chunk_rows``
-divides ``5 * attack.shard_size``), so workers never share a chunk. Each shard is checked against the
+divides ``len(KINDS) * attack.shard_size``), so workers never share a chunk. Each shard is checked against the
 attacks manifest (size, sha256) before it is read.
 """
 from __future__ import annotations
@@ -105,8 +105,8 @@ def run(ctx: Context, out: Output) -> None:
     am = attacks.manifest()
     layers = cached_layers(ctx)
     records = {r["name"]: r for r in am["files"]}
-    units = [{"unit": u["unit"], "file": f"{u['unit']}.tar", "start_row": 5 * u["start"],
-              "rows": 5 * (u["stop"] - u["start"]), "items": 5 * (u["stop"] - u["start"])} for u in am["units"]]
+    units = [{"unit": u["unit"], "file": f"{u['unit']}.tar", "start_row": len(KINDS) * u["start"],
+              "rows": len(KINDS) * (u["stop"] - u["start"]), "items": len(KINDS) * (u["stop"] - u["start"])} for u in am["units"]]
     n_rows = am["counts"]["samples"]
     shapes = _layer_shapes(ctx, layers)
     attrs = {"layers": layers, "kinds": list(KINDS), "dtype": a.dtype, "chunk_rows": a.chunk_rows, "n_rows": n_rows,

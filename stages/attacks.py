@@ -120,7 +120,7 @@ def run(ctx: Context, out: Output) -> None:
                  inputs={"train": data_identity(cfg, "train"), "train_data_sha256": array_sha256(x, y),
                          "classifier": classifier_identity(ctx)},
                  files=files,
-                 counts={"examples": n, "samples": 5 * n, "shards": len(all_units), "shard_size": S},
+                 counts={"examples": n, "samples": len(KINDS) * n, "shards": len(all_units), "shard_size": S},
                  timings={"total_s": time.perf_counter() - t0, "this_run": summary},
                  extra={"eps": eps, "kinds": list(KINDS),
                         "units": [{"unit": u["unit"], "start": u["start"], "stop": u["stop"]} for u in all_units]})

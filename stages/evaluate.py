@@ -21,7 +21,7 @@ from pipeline.config import EvalConfig, fingerprint, key_fields, to_dict
 from pipeline.context import Context, classifier_identity, data_identity
 from pipeline.data import DataError, load_split, to_float
 from pipeline.defense import CarsoWeights
-from pipeline.evaluation import check_backend, classifier_baseline, evaluate_chunk
+from pipeline.evaluation import SEED_OFFSETS, check_backend, classifier_baseline, evaluate_chunk
 from pipeline.log import Progress
 from pipeline.models import classifier_payload
 from pipeline.models.purifier import PurifierSpec
@@ -65,9 +65,10 @@ def key(ctx: Context) -> str:
                         "eval": ev})
 
 
-# Each chunk's attacks derive their seeds as the chunk seed + 0..5 (pipeline.evaluation.carso_attacks): chunk seeds
-# 8 apart never share one, whatever the chunk size.
+# Each chunk's random streams are the chunk seed + pipeline.evaluation.SEED_OFFSETS: chunk seeds SEED_STRIDE apart
+# never share one, whatever the chunk size.
 SEED_STRIDE = 8
+assert max(SEED_OFFSETS.values()) < SEED_STRIDE, "a chunk's seed offsets would reach the next chunk's seed"
 
 
 def chunk_seed(seed: int, first_point: int) -> int:

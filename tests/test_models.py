@@ -120,10 +120,16 @@ def test_legacy_checkpoint_with_normalisation_buffers_still_loads(tmp_path):
 
 
 def test_checkpoint_wrapped_and_dataparallel_prefix(tmp_path):
+    torch.manual_seed(0)
     m = build_classifier("cnn", "fmnist")
     p = tmp_path / "ck.pt"
     torch.save({"state_dict": {f"module.{k}": v for k, v in m.state_dict().items()}}, p)
-    load_weights(build_classifier("cnn", "fmnist"), load_state_dict_file(p), str(p))
+    torch.manual_seed(1)  # another initialisation: every weight must come from the file
+    fresh = build_classifier("cnn", "fmnist")
+    assert not all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), m.state_dict().values()))
+    load_weights(fresh, load_state_dict_file(p), str(p))
+    saved, loaded = m.state_dict(), fresh.state_dict()
+    assert saved.keys() == loaded.keys() and all(torch.equal(saved[k], loaded[k]) for k in saved)
 
 
 def test_mismatched_checkpoint_is_one_clear_error(tmp_path):
@@ -166,3 +172,15 @@ def test_cnn_layers():
     assert logits.shape == (2, 10) and [a.shape[-1] for a in acts] == [28, 14, 7]
     with pytest.raises(KeyError, match="unknown layer"):
         forward_with_activations(m, torch.rand(1, 1, 28, 28), ["conv9"])
+
+
+@pytest.mark.parametrize("dataset,side,sides", [("cifar10", 32, [32, 16, 8]), ("tinyimagenet", 64, [64, 32, 16])])
+def test_cnn_builds_for_every_square_input_size(dataset, side, sides):
+    m = build_classifier("cnn", dataset).eval()
+    with torch.no_grad():
+        logits, acts = forward_with_activations(m, torch.rand(2, m.mean.shape[0], side, side), m.default_layers())
+    assert logits.shape[1] == m.logits.out_features and [a.shape[-1] for a in acts] == sides
+    from pipeline.models.cnn import SmallCNN
+
+    with pytest.raises(ValueError, match="at least 25x25"):
+        SmallCNN(size=24)

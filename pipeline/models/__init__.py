@@ -49,7 +49,8 @@ def _build_wrn(depth: int, width: int, dataset: str, activation: str) -> nn.Modu
 
 def _build_cnn(dataset: str, activation: str) -> nn.Module:
     meta = info(dataset)
-    return SmallCNN(num_classes=meta.num_classes, in_channels=meta.channels, mean=meta.mean, std=meta.std)
+    return SmallCNN(num_classes=meta.num_classes, in_channels=meta.channels, mean=meta.mean, std=meta.std,
+                    size=meta.size)
 
 
 def build_classifier(arch: str, dataset: str, activation: str = "relu") -> nn.Module:

@@ -1,7 +1,8 @@
 """A small CNN for Fashion-MNIST (28x28x1), sized to adversarially train in minutes on two CPU cores.
 
-Every hookable layer keeps a spatial size of at least 7x7, so the purifier's layerwise encoders (three 3x3
-convolutions without padding) always have room.
+Built for any square input of side ``size`` >= 25 (the two stride-2 convolutions give ceil(size/4) at conv3), so every
+hookable layer keeps a spatial size of at least 7x7 and the purifier's layerwise encoders (three 3x3 convolutions
+without padding) always have room.
 """
 from __future__ import annotations
 
@@ -9,19 +10,26 @@ import torch
 import torch.nn as nn
 
 
+MIN_SIZE = 25  # ceil(25 / 4) = 7: conv3 stays 7x7 or more
+
+
 class SmallCNN(nn.Module):
-    def __init__(self, num_classes: int = 10, in_channels: int = 1, mean=(0.2860,), std=(0.3530,), width: int = 16):
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, mean=(0.2860,), std=(0.3530,), width: int = 16,
+                 size: int = 28):
         super().__init__()
+        if size < MIN_SIZE:
+            raise ValueError(f"SmallCNN needs inputs of at least {MIN_SIZE}x{MIN_SIZE} (got {size}x{size})")
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(in_channels, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(in_channels, 1, 1))
         w = width
-        self.conv1 = nn.Conv2d(in_channels, w, 3, padding=1)          # 28x28
+        side = -(-size // 4)  # conv3's side: ceil(size / 4)
+        self.conv1 = nn.Conv2d(in_channels, w, 3, padding=1)          # size x size (28x28 on Fashion-MNIST)
         self.act1 = nn.ReLU()
-        self.conv2 = nn.Conv2d(w, 2 * w, 3, stride=2, padding=1)     # 14x14
+        self.conv2 = nn.Conv2d(w, 2 * w, 3, stride=2, padding=1)     # ceil(size/2) (14x14)
         self.act2 = nn.ReLU()
-        self.conv3 = nn.Conv2d(2 * w, 4 * w, 3, stride=2, padding=1)  # 7x7
+        self.conv3 = nn.Conv2d(2 * w, 4 * w, 3, stride=2, padding=1)  # ceil(size/4) (7x7)
         self.act3 = nn.ReLU()
-        self.fc1 = nn.Linear(4 * w * 7 * 7, 128)
+        self.fc1 = nn.Linear(4 * w * side * side, 128)
         self.act4 = nn.ReLU()
         self.logits = nn.Linear(128, num_classes)
 
