@@ -172,9 +172,12 @@ def fitted():
 def test_adaptive_attack_strength_brackets(fitted):
     model, probe, x, y = fitted
     args = dict(seed=1, batch_size=64)
-    strong = P.score_probe(model, "conv3", probe, x, y, x, eps=0.5, steps=20, step_size=0.05, **args)
+    shuffled = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))]  # other images, same labels
+    strong = P.score_probe(model, "conv3", probe, x, y, shuffled, eps=0.5, steps=20, step_size=0.05, **args)
     assert strong["n"] == 200 and strong["clean"] > 0.9
-    assert strong["transfer"] == strong["clean"]  # x_transfer = x: the plain accuracy on it
+    with torch.no_grad():  # transfer: the plain accuracy on the given inputs, whatever they are
+        plain = (P.ProbedClassifier(model, "conv3", probe).eval()(shuffled).argmax(1) == y).float().mean().item()
+    assert strong["transfer"] == pytest.approx(plain) and strong["transfer"] < 0.5
     assert strong["adaptive"] <= strong["clean"] and strong["adaptive"] < 0.2
     tiny = P.score_probe(model, "conv3", probe, x, y, x, eps=1e-4, steps=5, step_size=1e-4, **args)
     assert tiny["clean"] == strong["clean"] and abs(tiny["adaptive"] - tiny["clean"]) <= 0.01
