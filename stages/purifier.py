@@ -97,9 +97,11 @@ WORKER_ERROR = ".worker-error.json"
 
 def train_loop(config: dict) -> None:
     """Ray Train's entry point on every worker (``config["job"]``: the ``TrainJob``). A user error (a corrupt shard,
-    a bad store file) is written to ``<out>/.worker-error.json`` for the driver to print as one line, then raised
-    so Ray Train stops. Ray Train retries a failed worker group (a killed worker, a lost node); a recorded user
-    error would fail the same way again, so a retry finding one raises it at once instead of loading anything."""
+    a bad store file) is written to ``<out>/.worker-error.json`` for the driver to print as one line. Met while
+    loading a batch (the usual place), every worker agrees to stop at that step and returns (``_AgreedBatches``):
+    the run ends without a retry. Met anywhere else, it is raised; Ray Train retries a failed worker group (a
+    killed worker, a lost node), and a retry finding a recorded error raises it at once instead of loading
+    anything, since it would fail the same way."""
     job: TrainJob = config["job"]
     recorded = Path(job.out_dir) / WORKER_ERROR
     if recorded.is_file():
@@ -109,9 +111,46 @@ def train_loop(config: dict) -> None:
     except Exception as exc:
         err = find_user_error(exc)
         if err is not None:
-            atomic_write_bytes(Path(job.out_dir) / WORKER_ERROR,
-                               json.dumps({"message": one_line(err), "exit_code": err.exit_code}).encode())
+            _record_worker_error(Path(job.out_dir), err)
         raise
+
+
+def _record_worker_error(out_dir: Path, err: UserError) -> None:
+    atomic_write_bytes(out_dir / WORKER_ERROR, json.dumps({"message": one_line(err), "exit_code": err.exit_code}).encode())
+
+
+class _AgreedBatches:
+    """An epoch's batches, each step agreed by every worker: before each batch the workers all-reduce whether any
+    of them met a user error while loading it (a corrupt shard, a bad store file). The one that did records it
+    (``WORKER_ERROR``) and every worker stops at that same step (``failed``), so ``train_loop`` returns, the run
+    ends at once and the driver prints the error: no worker group restarts for an error a restart would meet
+    again, and no worker waits in a collective for one that left. One tiny all-reduce per step."""
+
+    def __init__(self, batches, out_dir: Path, device):
+        self.batches, self.out_dir, self.device, self.failed = batches, out_dir, device, False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        err = None
+        try:
+            batch = next(self.batches, None)
+        except Exception as exc:  # noqa: BLE001 - a user error is recorded and agreed on; anything else is raised
+            err = find_user_error(exc)
+            if err is None:
+                raise
+            _record_worker_error(self.out_dir, err)
+            batch = None
+        flag = torch.tensor([int(err is not None)], device=self.device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item():
+            self.failed = True
+            raise StopIteration
+        if batch is None:
+            raise StopIteration
+        return batch
 
 
 def _raise_worker_error(out_dir: Path) -> None:
@@ -153,8 +192,11 @@ def _train(job: TrainJob) -> None:
                               buffer_examples=job.buffer_examples, seed=p.seed)
     for epoch in range(start, p.epochs):
         t0 = time.perf_counter()
-        sums = train_epoch(model, opt, batches.epoch(epoch), epoch, p, device, layers=job.layers,
+        agreed = _AgreedBatches(batches.epoch(epoch), out_dir, device)
+        sums = train_epoch(model, opt, agreed, epoch, p, device, layers=job.layers,
                            dtype=job.dtype, classifier=classifier, act_precision=job.act_precision)
+        if agreed.failed:  # recorded; every worker stops here, before this epoch's checkpoint
+            return
         if dist.is_available() and dist.is_initialized():
             for t in sums.values():
                 dist.all_reduce(t)
@@ -273,12 +315,12 @@ def run(ctx: Context, out: Output) -> None:
     with Follow(out.dir / "metrics.jsonl", ctx.log, fmt=lambda line: epoch_line(json.loads(line), p)):
         try:
             trainer.fit()
+            _raise_worker_error(out.dir)  # the workers agreed to stop on a recorded user error (_AgreedBatches)
         except BaseException:
             if latest_checkpoint(out.dir) is None:  # nothing to resume from: leave no Ray Train bookkeeping
                 shutil.rmtree(out.dir / "ray_train", ignore_errors=True)
             _raise_worker_error(out.dir)  # a user error inside a worker: one line, not Ray Train's traceback
             raise
-    _raise_worker_error(out.dir)
     _finalize(ctx, out, job, time.perf_counter() - t0)
 
 

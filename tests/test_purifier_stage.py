@@ -13,18 +13,16 @@ import torch
 
 from pipeline import runner
 from tests import conftest
-from tests.conftest import built_store, cli, cli_args, kill_group, make_fmnist, start_cli, wait_for
+from tests.conftest import TOY_SETS, cli, cli_args, kill_group, start_cli, toy_store, wait_for
 
-SETS = ["attack.n_examples=null", "classifier.train.epochs=1", "classifier.train.batch_size=64", "data.test_subset=32", "attack.shard_size=64",
-        "attack.batch_size=64", "attack.pgd_steps=3", "activations.chunk_rows=64", "purifier.batch_size=32",
-        "purifier.epochs=4", "purifier.warmup_epochs=0", "purifier.plateau_epochs=2", "purifier.anneal_epochs=2",
-        "purifier.beta_start_epoch=1", "purifier.beta_end_epoch=3", "purifier.plateau_lr=0.002",
-        "purifier.final_lr=0.0005", "purifier.workers=2"]
+# The shared toy store's classifier, shards and activations; this module's own 4-epoch purifier.
+SETS = [*TOY_SETS, "purifier.epochs=4", "purifier.plateau_epochs=2", "purifier.anneal_epochs=2",
+        "purifier.beta_start_epoch=1", "purifier.beta_end_epoch=3"]
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return make_fmnist(tmp_path_factory.mktemp("fx") / "fmnist", n_train=384, n_test=32)
+def data_dir(toy):
+    return toy.data
 
 
 make_ctx = partial(conftest.make_ctx, sets=SETS)
@@ -32,8 +30,8 @@ _cli_args = partial(cli_args, sets=SETS)
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory, data_dir):
-    with built_store(tmp_path_factory, make_ctx, data_dir, ("classifier", "attacks", "activations")) as root:
+def store(tmp_path_factory, toy):
+    with toy_store(tmp_path_factory, toy, ignore=("logs", "purifier", "evaluate", "baseline")) as root:
         yield root
 
 
@@ -199,7 +197,7 @@ def test_a_corrupt_shard_inside_ray_train_is_one_line(store, data_dir, tmp_path)
     blob = bytearray(shard.read_bytes())
     blob[len(blob) // 2] ^= 0xFF
     shard.write_bytes(bytes(blob))
-    r = cli("run", "--stage", "purifier", "--only", *_cli_args(copy, data_dir, "purifier.workers=1"))
+    r = cli("run", "--stage", "purifier", "--only", *_cli_args(copy, data_dir), timeout=600)  # 2 workers: one meets it
     assert r.returncode == 1, r.stderr[-3000:]
     errors = [line for line in r.stderr.strip().splitlines() if not line.startswith("[")]
     assert errors == [errors[-1]] and f"{shard}: content altered" in errors[0], r.stderr[-3000:]
