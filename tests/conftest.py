@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
 import os
 import pickle
 import signal
@@ -24,9 +25,11 @@ CONFIG = "configs/fmnist.yaml"
 
 
 # The modules that take longest, longest first: the two test processes (pyproject.toml: xdist, whole modules, in
-# this order) start on these, and the short modules fill in around them.
-HEAVY_MODULES = ["test_purifier_stage.py", "test_scenario_a.py", "test_probes.py", "test_precompute.py",
-                 "test_whole_job.py", "test_evaluate_stage.py", "test_probe_stage.py", "test_cluster.py", "test_classifier_stage.py"]
+# this order) start on the first two, and the short modules fill in around them. test_purifier_stage builds the
+# shared toy store (``toy``) at the start, while the other process runs scenario (a), which does not need it.
+HEAVY_MODULES = ["test_scenario_a.py", "test_purifier_stage.py", "test_precompute.py", "test_evaluate_stage.py",
+                 "test_cluster.py", "test_probe_stage.py", "test_faults.py", "test_probes.py", "test_whole_job.py",
+                 "test_classifier_stage.py"]
 
 
 def pytest_collection_modifyitems(items):
@@ -159,6 +162,106 @@ def make_tinyimagenet(root: Path, wnids=("n01443537", "n01629819"), per_class: i
 @pytest.fixture
 def fmnist_dir(tmp_path) -> Path:
     return make_fmnist(tmp_path / "fmnist")
+
+
+# The toy job every store-reading module shares: the default config at toy size (2 PGD-7 epochs of the SmallCNN on
+# 384 images, 3-step training attacks in 64-example shards, a 2-epoch purifier on 2 Ray Train workers, 12 test points
+# at 1-3 attack steps), run once per test run by the CLI (``toy``): its evaluation is tests/test_evaluate_stage.py's.
+TOY_SETS = ["attack.n_examples=null", "classifier.train.epochs=2", "classifier.train.batch_size=32",
+            "data.test_subset=64", "attack.shard_size=64", "attack.batch_size=64", "attack.pgd_steps=3",
+            "activations.chunk_rows=64", "purifier.batch_size=32", "purifier.epochs=2", "purifier.warmup_epochs=0",
+            "purifier.plateau_epochs=1", "purifier.anneal_epochs=1", "purifier.beta_start_epoch=0",
+            "purifier.beta_end_epoch=1", "purifier.plateau_lr=0.002", "purifier.final_lr=0.0005",
+            "purifier.workers=2", "eval.n_examples=12", "eval.chunk_size=4", "eval.samples=2", "eval.aa_steps=3",
+            "eval.aa_eot=2", "eval.pgd_eot_steps=3", "eval.pgd_eot_iters=2", "eval.fresh_draws=2", "eval.batch_size=8"]
+TOY_TRAIN, TOY_TEST = 384, 64
+
+
+def shared_dir(tmp_path_factory, name: str, build) -> Path:
+    """A folder built once per test run and shared by every test process (the pytest-xdist workers): the first
+    to ask builds it with ``build(folder)`` under a file lock, the others wait for it. Tests copy from it and
+    never write into it."""
+    import fcntl
+    import shutil
+
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    folder, done = root / f"shared-{name}", root / f"shared-{name}.built"
+    with open(root / f"shared-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    return folder
+
+
+class Toy:
+    """The shared toy job: its data folder, its store (classifier, attacks, activations, purifier and a 4-point
+    evaluation, every one made by the CLI as a user makes them) and the console of the runs that built it."""
+
+    def __init__(self, folder: Path):
+        self.data, self.store = folder / "fmnist", folder / "store"
+        self.runs = json.loads((folder / "runs.json").read_text())
+
+
+def _build_toy(folder: Path) -> None:
+    data = make_fmnist(folder / "fmnist", n_train=TOY_TRAIN, n_test=TOY_TEST)
+    args = cli_args(folder / "store", data, sets=TOY_SETS)
+    runs = {}
+    # As tests/test_whole_job.py reads them: --only refuses upstream work, then like make, then the whole job.
+    for name, stage in (("only", ["--stage", "attacks", "--only"]), ("attacks", ["--stage", "attacks"]),
+                        ("all", ["--stage", "all"])):
+        r = cli("run", *stage, *args)
+        runs[name] = {"returncode": r.returncode, "stdout": r.stdout, "stderr": r.stderr}
+    (folder / "runs.json").write_text(json.dumps(runs))
+
+
+@pytest.fixture(scope="session")
+def toy(tmp_path_factory) -> Toy:
+    t = Toy(shared_dir(tmp_path_factory, "toy", _build_toy))
+    assert t.runs["all"]["returncode"] == 0, "the shared toy job failed: " + t.runs["all"]["stderr"][-3000:]
+    return t
+
+
+# The smallest trained classifier: one PGD-7 epoch on 64 images, through the CLI (for the fault and bad-input tests,
+# whose attack runs must stay short).
+CLF = ["attack.n_examples=null", "classifier.train.epochs=1", "classifier.train.batch_size=32"]
+
+
+def _build_trained(folder: Path) -> None:
+    data = make_fmnist(folder / "fmnist", n_train=64, n_test=32)
+    r = cli("run", "--stage", "classifier", *cli_args(folder / "store", data, sets=CLF))
+    (folder / "run.json").write_text(json.dumps({"returncode": r.returncode, "stderr": r.stderr}))
+
+
+@pytest.fixture(scope="session")
+def trained_classifier(tmp_path_factory):
+    """(data folder, store holding only the CLF classifier), built once per test run; tests copy the store."""
+    folder = shared_dir(tmp_path_factory, "trained", _build_trained)
+    run = json.loads((folder / "run.json").read_text())
+    assert run["returncode"] == 0, "training the shared classifier failed: " + run["stderr"][-3000:]
+    return folder / "fmnist", folder / "store"
+
+
+@contextmanager
+def toy_store(tmp_path_factory, toy: Toy, ignore=("logs",)):
+    """A module's own copy of the shared toy store (the module's tests may write into it), on a real local Ray
+    instance connected for the module (shut down afterwards)."""
+    import shutil
+
+    import ray
+
+    from pipeline.cluster import connect
+
+    root = tmp_path_factory.mktemp("store")
+    shutil.copytree(toy.store, root, dirs_exist_ok=True, ignore=shutil.ignore_patterns(*ignore))
+    connect(None, log=lambda m: None)
+    try:
+        yield root
+    finally:
+        ray.shutdown()
 
 
 @contextmanager

@@ -1,25 +1,30 @@
 """The `classifier` stage end to end through the CLI, on a real local Ray instance and a real store."""
 import json
+import shutil
 
 import pytest
 
-from tests.conftest import cli
+from tests.conftest import CLF, cli, cli_args
 
 
 @pytest.mark.slow
-def test_classifier_train_then_cache_hit_then_file_source(tmp_path, fmnist_dir):
+def test_classifier_train_then_cache_hit_then_file_source(tmp_path, trained_classifier):
+    """The shared classifier was trained by `pipeline run --stage classifier` (tests/conftest.py): its output and
+    console are checked here, then the same command on a copy is a cache hit without Ray, and the stored weights
+    used as a local checkpoint give the same weights hash."""
+    data, shared = trained_classifier
     store = tmp_path / "store"
-    common = ["--config", "configs/fmnist.yaml", "--store", str(store), "--set", f"data.data_dir={fmnist_dir}",
-              "--set", "classifier.train.epochs=1", "--set", "classifier.train.batch_size=32"]
-    r = cli("run", "--stage", "classifier", *common)
-    assert r.returncode == 0, r.stderr
+    shutil.copytree(shared, store)
     (out,) = list((store / "fmnist" / "classifier").iterdir())
     manifest = json.loads((out / "manifest.json").read_text())
     metrics = json.loads((out / "metrics.json").read_text())
     assert {f["name"] for f in manifest["files"]} == {"model.pt", "metrics.json"}
     assert 0 <= metrics["pgd_acc"] <= metrics["clean_acc"] <= 1 and metrics["n"] == 32
     assert metrics["attack"]["eps"] == 0.1 and metrics["weights_sha256"] == manifest["weights_sha256"]
+    console = json.loads((shared.parent / "run.json").read_text())["stderr"]
+    assert f"[classifier] running -> {shared}" in console and "[classifier] epoch 1/1: adversarial loss" in console
 
+    common = cli_args(store, data, sets=CLF)
     again = cli("run", "--stage", "classifier", *common)
     assert again.returncode == 0 and "cache hit" in again.stderr and "[ray]" not in again.stderr
 

@@ -16,12 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, make_fmnist
+from tests.conftest import CLF, REPO
 
 BIN = Path(sys.executable).parent
-SETS = ["attack.n_examples=null", "classifier.train.epochs=1", "classifier.train.batch_size=32",
-        "data.test_subset=32", "attack.shard_size=32", "attack.batch_size=32", "attack.pgd_steps=2",
-        "activations.chunk_rows=32"]
+# The shared classifier's settings (CLF): the job finds it in the store and runs the attacks only.
+SETS = [*CLF, "attack.shard_size=32", "attack.batch_size=32", "attack.pgd_steps=2", "activations.chunk_rows=32"]
 
 
 def free_port() -> int:
@@ -41,9 +40,10 @@ def _dashboard_up(port: int) -> bool:
 
 
 @pytest.mark.slow
-def test_ray_job_submit_runs_the_readme_command_on_a_started_head(tmp_path):
-    data = make_fmnist(tmp_path / "fmnist", n_train=64, n_test=32)
+def test_ray_job_submit_runs_the_readme_command_on_a_started_head(tmp_path, trained_classifier):
+    data, shared = trained_classifier
     store = tmp_path / "store"
+    shutil.copytree(shared, store)
     # Short: Ray's socket paths live under the temp dir and must stay below the 107-byte limit.
     ray_tmp = tempfile.mkdtemp(prefix="rh", dir="/tmp")
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_USAGE_STATS_ENABLED": "0",
@@ -69,6 +69,7 @@ def test_ray_job_submit_runs_the_readme_command_on_a_started_head(tmp_path):
         out = r.stdout + r.stderr
         assert r.returncode == 0 and "succeeded" in out, out[-4000:]
         assert "[ray] Ray cluster at auto" in out  # the job joined the started head, not a local instance
+        assert "[classifier] cache hit" in out
         (attacks,) = store.glob("fmnist/attacks/*/manifest.json")
         manifest = json.loads(attacks.read_text())
         assert manifest["counts"]["examples"] == 64 and manifest["counts"]["shards"] == 2

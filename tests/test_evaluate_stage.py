@@ -8,28 +8,21 @@ import pytest
 from pipeline import runner
 from pipeline.errors import find_user_error, one_line
 from tests import conftest
-from tests.conftest import built_store, cli, cli_args, kill_group, make_fmnist, start_cli, wait_for
+from tests.conftest import TOY_SETS, toy_store
 
-SETS = ["attack.n_examples=null", "classifier.train.epochs=2", "classifier.train.batch_size=32", "data.test_subset=64", "attack.shard_size=64",
-        "attack.batch_size=64", "attack.pgd_steps=3", "activations.chunk_rows=64", "purifier.batch_size=32",
-        "purifier.epochs=2", "purifier.warmup_epochs=0", "purifier.plateau_epochs=1", "purifier.anneal_epochs=1",
-        "purifier.beta_start_epoch=0", "purifier.beta_end_epoch=1", "purifier.plateau_lr=0.002",
-        "purifier.final_lr=0.0005", "purifier.workers=2",
-        "eval.n_examples=12", "eval.chunk_size=4", "eval.samples=2", "eval.aa_steps=3", "eval.aa_eot=2",
-        "eval.pgd_eot_steps=3", "eval.pgd_eot_iters=2", "eval.fresh_draws=2", "eval.batch_size=8"]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return make_fmnist(tmp_path_factory.mktemp("fx") / "fmnist", n_train=256, n_test=64)
-
-
+SETS = TOY_SETS
 make_ctx = partial(conftest.make_ctx, sets=SETS)
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory, data_dir):
-    with built_store(tmp_path_factory, make_ctx, data_dir, ("classifier", "attacks", "activations", "purifier")) as root:
+def data_dir(toy):
+    return toy.data
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, toy):
+    """The shared toy store (its purifier is this module's)."""
+    with toy_store(tmp_path_factory, toy) as root:
         yield root
 
 

@@ -24,9 +24,8 @@ import pytest
 
 from pipeline.errors import DiskFull, find_user_error, rebuild
 from pipeline.store import TEMP_MARK, atomic_file, atomic_write_bytes, sha256_file
-from tests.conftest import REPO, cli, cli_args, make_fmnist
+from tests.conftest import CLF, REPO, cli, cli_args
 
-CLF = ["attack.n_examples=null", "classifier.train.epochs=1", "classifier.train.batch_size=32"]
 # 64 training images in 8 shards of 8 (205 KB each), cheap attacks: the full-disk run.
 SMALL = [*CLF, "attack.shard_size=8", "attack.batch_size=8", "attack.pgd_steps=2", "activations.chunk_rows=40"]
 # 16 shards of 4 at 40 PGD steps: slow enough to be stopped in the middle.
@@ -147,8 +146,8 @@ def test_a_unit_worker_reports_a_full_disk_as_a_row_the_driver_raises_again():
 
 # ---- through the CLI ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_fmnist(tmp_path_factory.mktemp("faults") / "fmnist", n_train=64, n_test=16)
+def data(trained_classifier):
+    return trained_classifier[0]
 
 
 def test_a_store_too_small_for_the_plan_stops_before_any_work(tmp_path, data):
@@ -164,12 +163,9 @@ def test_a_store_too_small_for_the_plan_stops_before_any_work(tmp_path, data):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, data):
-    """The classifier, trained once through the CLI; tests copy its output into their own stores."""
-    store = tmp_path_factory.mktemp("trained") / "s"
-    r = cli("run", "--stage", "classifier", *cli_args(store, data, sets=CLF))
-    assert r.returncode == 0, r.stderr[-3000:]
-    return store / "fmnist" / "classifier"
+def trained(trained_classifier):
+    """The classifier, trained once per test run through the CLI; tests copy its output into their own stores."""
+    return trained_classifier[1] / "fmnist" / "classifier"
 
 
 def _du(path: Path) -> int:

@@ -7,23 +7,23 @@ import pytest
 
 from pipeline import runner
 from tests import conftest
-from tests.conftest import built_store, cli, cli_args, make_fmnist
+from tests.conftest import TOY_SETS, TOY_TEST, TOY_TRAIN, cli, cli_args, toy_store
 
-SETS = ["attack.n_examples=null", "classifier.train.epochs=1", "classifier.train.batch_size=32", "attack.shard_size=64",
-        "attack.batch_size=64", "attack.pgd_steps=3", "activations.chunk_rows=64",
-        "probes.first_example=0", "probes.n_examples=16", "probes.pgd_steps=3", "probes.epochs=2",
+SETS = [*TOY_SETS, "probes.first_example=0", "probes.n_examples=16", "probes.pgd_steps=3", "probes.epochs=2",
         "probes.robust_examples=64", "probes.robust_epochs=1", "probes.robust_pgd_steps=2", "probes.batch_size=32"]
 make_ctx = partial(conftest.make_ctx, sets=SETS)
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return make_fmnist(tmp_path_factory.mktemp("px") / "fmnist", n_train=128, n_test=32)
+def data_dir(toy):
+    return toy.data
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory, data_dir):
-    with built_store(tmp_path_factory, make_ctx, data_dir, ("classifier", "attacks", "activations", "probes")) as root:
+def store(tmp_path_factory, toy, data_dir):
+    """The shared toy store's classifier, shards and activations, and the probes run on them."""
+    with toy_store(tmp_path_factory, toy, ignore=("logs", "purifier", "evaluate", "baseline")) as root:
+        runner.run(make_ctx(root, data_dir), "probes")
         yield root
 
 
@@ -39,7 +39,7 @@ def test_one_row_per_layer_with_both_probe_kinds(store, data_dir):
             scores = row[kind]
             assert set(scores) >= {"clean", "transfer", "adaptive", "n"} and scores["n"] == 16
             assert all(0 <= scores[k] <= 1 for k in ("clean", "transfer", "adaptive"))
-        assert row["transfer_probe"]["train_rows"] == 5 * 128 and row["robust_probe"]["train_images"] == 64
+        assert row["transfer_probe"]["train_rows"] == 5 * TOY_TRAIN and row["robust_probe"]["train_images"] == 64
         assert row["dim"] == {"conv1": 16 * 28 * 28, "conv2": 32 * 14 * 14, "conv3": 64 * 7 * 7}[row["layer"]]
     assert 0 <= r["classifier"]["pgd"] <= r["classifier"]["clean"] <= 1 and r["classifier"]["n"] == 16
     s = r["settings"]
@@ -69,8 +69,10 @@ def test_a_layer_gives_the_same_numbers_whichever_layers_are_probed(store, data_
 
 @pytest.mark.parametrize("setting,needle", [
     ("probes.layers=[conv9]", "probes.layers: conv9 not among the cached layers"),
-    ("probes.n_examples=40", "probes.n_examples: 40 from probes.first_example=0: the fmnist test split has 32"),
-    ("probes.robust_examples=500", "probes.robust_examples: 500 exceeds the 128 fmnist training images")])
+    (f"probes.n_examples={TOY_TEST + 1}",
+     f"probes.n_examples: {TOY_TEST + 1} from probes.first_example=0: the fmnist test split has {TOY_TEST}"),
+    (f"probes.robust_examples={TOY_TRAIN + 1}",
+     f"probes.robust_examples: {TOY_TRAIN + 1} exceeds the {TOY_TRAIN} fmnist training images")])
 def test_bad_probe_settings_exit_2_in_one_line_before_any_stage(tmp_path, data_dir, setting, needle):
     r = cli("run", "--stage", "probes", *cli_args(tmp_path / "s", data_dir, setting, sets=SETS))
     lines = r.stderr.strip().splitlines()

@@ -13,9 +13,8 @@ import pytest
 from pipeline import runner
 from pipeline.config import load_config
 from pipeline.store import output_lock
-from tests.conftest import REPO, cli, make_fmnist, write_idx
+from tests.conftest import CLF, REPO, cli, make_fmnist, write_idx
 
-CLF = ["attack.n_examples=null", "classifier.train.epochs=1", "classifier.train.batch_size=32"]
 
 
 def sets(data_dir, *extra):
@@ -33,17 +32,14 @@ def one_line(r, code: int, *needles: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_fmnist(tmp_path_factory.mktemp("probe") / "fmnist", n_train=64, n_test=32)
+def data(trained_classifier):
+    return trained_classifier[0]
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, data):
-    """A store with the classifier trained once through the CLI; tests corrupt their own copies."""
-    store = tmp_path_factory.mktemp("trained") / "s"
-    r = cli("run", "--config", "configs/fmnist.yaml", "--store", str(store), "--stage", "classifier", *sets(data))
-    assert r.returncode == 0, r.stderr[-2000:]
-    return store
+def trained(trained_classifier):
+    """A store with the classifier trained once through the CLI (shared by the test run); tests corrupt copies."""
+    return trained_classifier[1]
 
 
 def _copy(trained, tmp_path):

@@ -2,31 +2,32 @@
 upstream output."""
 import csv
 import re
+import shutil
+from types import SimpleNamespace
 
 import pytest
 
-from tests.conftest import REPO, cli, make_fmnist
-from tests.test_evaluate_stage import SETS
+from tests.conftest import REPO, TOY_SETS, cli, cli_args
 
 
 PROJECT_LINE = re.compile(r"^\[(classifier|attacks|activations|purifier|evaluate|ray|pipeline|sweep)\] ")
 
 
 @pytest.mark.slow
-def test_all_then_cache_hits_then_sweep_reuses_upstream(tmp_path):
-    data = make_fmnist(tmp_path / "fmnist", n_train=256, n_test=64)
+def test_all_then_cache_hits_then_sweep_reuses_upstream(toy, tmp_path):
+    """The shared toy store was made by the CLI (tests/conftest.py ``_build_toy``): `--stage attacks --only` on an
+    empty store, then `--stage attacks`, then `--stage all`. Their consoles are read here; the rest runs on a
+    copy of the store."""
     store = tmp_path / "store"
-    args = ["--config", "configs/fmnist.yaml", "--store", str(store),
-            *[a for s in [f"data.data_dir={data}", *SETS, "eval.n_examples=4"] for a in ("--set", s)]]
-    only = cli("run", "--stage", "attacks", "--only", *args)  # cluster jobs: never start upstream work
+    shutil.copytree(toy.store, store)
+    args = cli_args(store, toy.data, sets=TOY_SETS)
+    only, a, r = (SimpleNamespace(**toy.runs[name]) for name in ("only", "attacks", "all"))
     assert only.returncode == 1 and "classifier output" in only.stderr and "is not complete" in only.stderr
-    assert len(only.stderr.strip().splitlines()) == 1 and not list(store.glob("fmnist/attacks/*/manifest.json"))
-    a = cli("run", "--stage", "attacks", *args)  # like make: what attacks needs runs first
+    assert len(only.stderr.strip().splitlines()) == 1  # and it wrote nothing: `attacks` below ran the classifier
     assert a.returncode == 0, a.stderr[-3000:]
     assert "[pipeline] --stage attacks needs classifier first" in a.stderr and "[classifier] running" in a.stderr
     assert a.stderr.count("[classifier] epoch 2/2: adversarial loss") == 1  # the task's progress, printed once
     assert not list(store.glob("fmnist/classifier/*/.progress*"))
-    r = cli("run", "--stage", "all", *args)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "[evaluate] report: " in r.stderr and r.stderr.count("cache hit") == 2
     # The console holds only the project's own lines, each once; Ray's output goes to the store's logs folder.
