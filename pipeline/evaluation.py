@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -195,22 +196,112 @@ SEED_OFFSETS = {"randaa": 0, "pgd_eot_global": 1, "pgd_eot": 2, "purification": 
                 "randaa_global": 5}
 
 
+@dataclass(frozen=True)
+class CarsoAttack:
+    """One attack on CARSO in the evaluation, listed once in ``CARSO_ATTACKS`` (in the order the attacks run).
+    Everything downstream comes from that list, as AutoAttack loops over ``attacks_to_run``: each chunk's record
+    (under ``name``), its entry in results.json (``result``), the summary, report.md, the running line and the
+    sweep's columns. Adding an attack is one entry here (and its config keys).
+
+    - ``make(ev, seeds, device)``: the attack object (``run(model, x, y) -> Adversarial``, ``name``,
+      ``check_gradient_at_start``) or None where the config turns it off; ``seeds`` is the chunk seed plus
+      ``SEED_OFFSETS`` by name.
+    - ``label``: a robustness number's name in the summary (``<label> fresh mean`` / ``fresh worst``, and
+      ``<label>`` itself for the runner's score when ``runner``; ``worst``: also the points right on every
+      fresh pass); None for a check (the obfuscation check).
+    - ``describe(entry, results)``: its line in report.md.
+    - ``passes(ev)``: CARSO input gradients per point (``pipeline plan``'s FLOPs and hours); 0 where it is off.
+    """
+
+    name: str
+    make: Callable
+    describe: Callable
+    passes: Callable
+    label: str | None = None
+    runner: bool = False
+    worst: bool = True
+    result: str | None = None  # results.json key; default: ``name``
+
+    @property
+    def key(self) -> str:
+        return self.result or self.name
+
+
+def _aa(ev, seeds: dict, device: str) -> dict:
+    return {"version": "rand", "seed": seeds["randaa"], "batch_size": ev.batch_size, "device": device,
+            "backend": ev.backend, "steps": ev.aa_steps, "eot": ev.aa_eot}
+
+
+def _pgd(ev) -> dict:
+    return {"eps": ev.eps, "steps": ev.pgd_eot_steps, "step_size": ev.pgd_eot_step_size, "eot": ev.pgd_eot_iters}
+
+
+def _aa_passes(ev) -> int:
+    return 2 * ev.aa_steps * ev.aa_eot  # randAA: APGD-CE and APGD-DLR, each steps x EOT gradients
+
+
+def _pgd_passes(ev) -> int:
+    return ev.pgd_eot_steps * ev.pgd_eot_iters
+
+
+def carso_passes(ev) -> int:
+    """CARSO input gradients per evaluated point, over every attack the config runs."""
+    return sum(a.passes(ev) for a in CARSO_ATTACKS)
+
+
+def _p(v: float) -> str:
+    return f"{100 * v:.2f}%"
+
+
+def _describe_randaa(e: dict, r: dict) -> str:
+    st, fr = e["settings"], e["fresh"]
+    return (f"- C/randAA: CARSO end to end, AutoAttack 'rand' ({', '.join(st['attacks'])}, {st['steps']} steps, EOT "
+            f"{st['eot']}, {st['restarts']} restart), as the runner scores it (one stochastic pass). Re-scored on "
+            f"{fr['draws']} fresh passes: mean {_p(fr['mean'])}, worst pass {_p(fr['worst_draw'])}, points right on "
+            f"every pass {_p(fr['per_point_worst'])}.")
+
+
+def _describe_pgd_eot(e: dict, r: dict) -> str:
+    st, fr = e["settings"], e["fresh"]
+    if "gradient_through" in st:
+        return (f"- PGD+EOT with its gradient through {st['gradient_through']} (same settings), the points scored on "
+                f"the {r['aggregation']} aggregation: fresh mean {_p(fr['mean'])}, points right on every pass "
+                f"{_p(fr['per_point_worst'])}.")
+    return (f"- PGD+EOT: {st['steps']} steps of {st['step_size']:g}, EOT {st['eot']}, CE, random start; fresh passes: "
+            f"mean {_p(fr['mean'])}, points right on every pass {_p(fr['per_point_worst'])}.")
+
+
+def _describe_obfuscation(e: dict, r: dict) -> str:
+    return (f"- Gradient-obfuscation check: the same randAA at eps {e['settings']['eps']:g}: runner {_p(e['runner'])}, "
+            f"fresh mean {_p(e['fresh']['mean'])}, chance {_p(e['chance'])}: "
+            f"**{'passed' if e['passed'] else 'FAILED'}**.")
+
+
+CARSO_ATTACKS: list[CarsoAttack] = [
+    CarsoAttack("carso_randaa", label="C/randAA", runner=True, describe=_describe_randaa, passes=_aa_passes,
+                make=lambda ev, s, device: AutoAttackRun(name="carso_randaa", eps=ev.eps, global_seed=s["randaa_global"],
+                                                         check_gradient_at_start=True, **_aa(ev, s, device))),
+    CarsoAttack("carso_pgd_eot", label="PGD+EOT", describe=_describe_pgd_eot, passes=_pgd_passes,
+                make=lambda ev, s, device: PGDEOTRun(name="carso_pgd_eot", seed=s["pgd_eot"],
+                                                     global_seed=s["pgd_eot_global"], **_pgd(ev))),
+    CarsoAttack("carso_pgd_eot_logit", label="PGD+EOT (logit surrogate)", describe=_describe_pgd_eot, worst=False,
+                passes=lambda ev: _pgd_passes(ev) if ev.pgd_eot_logit_surrogate else 0,
+                make=lambda ev, s, device: PGDEOTRun(name="carso_pgd_eot_logit", seed=s["pgd_eot_logit"],
+                                                     gradient_through="logit", **_pgd(ev))
+                if ev.pgd_eot_logit_surrogate else None),
+    CarsoAttack("obfuscation", result="obfuscation_check", describe=_describe_obfuscation, passes=_aa_passes,
+                make=lambda ev, s, device: AutoAttackRun(name="obfuscation", eps=ev.obfuscation_eps,
+                                                         **_aa(ev, s, device))),
+]
+
+
 def carso_attacks(ev, seed: int, device: str) -> list:
     """The attacks on CARSO of one chunk, in the order they run (each result is stored under the attack's name):
-    randAA at eps, PGD+EOT, optionally PGD+EOT through logit aggregation, and randAA at ``obfuscation_eps`` (the
-    gradient-obfuscation check). The seeds are fixed functions of the chunk's seed."""
-    s = {name: seed + offset for name, offset in SEED_OFFSETS.items()}
-    aa = {"version": "rand", "seed": s["randaa"], "batch_size": ev.batch_size, "device": device,
-          "backend": ev.backend, "steps": ev.aa_steps, "eot": ev.aa_eot}
-    pgd_ = {"eps": ev.eps, "steps": ev.pgd_eot_steps, "step_size": ev.pgd_eot_step_size, "eot": ev.pgd_eot_iters}
-    attacks = [AutoAttackRun(name="carso_randaa", eps=ev.eps, global_seed=s["randaa_global"],
-                             check_gradient_at_start=True, **aa),
-               PGDEOTRun(name="carso_pgd_eot", seed=s["pgd_eot"], global_seed=s["pgd_eot_global"], **pgd_)]
-    if ev.pgd_eot_logit_surrogate:
-        attacks.append(PGDEOTRun(name="carso_pgd_eot_logit", seed=s["pgd_eot_logit"], gradient_through="logit",
-                                 **pgd_))
-    attacks.append(AutoAttackRun(name="obfuscation", eps=ev.obfuscation_eps, **aa))
-    return attacks
+    ``CARSO_ATTACKS`` that the config turns on, randAA at eps, PGD+EOT, optionally PGD+EOT through logit
+    aggregation, and randAA at ``obfuscation_eps`` (the gradient-obfuscation check). The seeds are fixed
+    functions of the chunk's seed."""
+    seeds = {name: seed + offset for name, offset in SEED_OFFSETS.items()}
+    return [a for a in (spec.make(ev, seeds, device) for spec in CARSO_ATTACKS) if a is not None]
 
 
 # Table 12's PGD (the purifier's training attack), run against the classifier alone for the purification check.

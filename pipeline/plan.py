@@ -12,6 +12,7 @@ from .flops import stage_flops
 from .log import human_bytes
 from .preflight import check, describe, pending_bytes, training_images
 from .runner import status
+from .evaluation import carso_passes
 from .sizing import ACTIVATIONS_COMPRESSION, estimate
 
 
@@ -20,7 +21,7 @@ def _counts(cfg) -> dict:
     meta, e, ev = info(cfg.data.dataset), estimate(cfg), cfg.eval
     n_train = min(meta.train_size, cfg.data.train_subset or meta.train_size)
     n_test = min(meta.test_size, cfg.data.test_subset or meta.test_size)
-    passes = 2 * 2 * ev.aa_steps * ev.aa_eot + ev.pgd_eot_steps * ev.pgd_eot_iters * (1 + ev.pgd_eot_logit_surrogate)
+    passes = carso_passes(ev)
     full, rest = divmod(e["examples"], cfg.attack.shard_size)  # an epoch: one batch stream over the examples
     steps = steps_per_epoch([cfg.attack.shard_size] * full + ([rest] if rest else []), cfg.purifier.batch_size,
                             cfg.purifier.workers)

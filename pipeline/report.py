@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from .data import info
-from .evaluation import PAPER_STRENGTH, reduced_settings
+from .evaluation import CARSO_ATTACKS, PAPER_STRENGTH, reduced_settings
 from .store import atomic_file, require_intact
 
 
@@ -81,7 +81,8 @@ def merge(out, cfg, chunks: list[tuple[int, int, int]], training: dict | None = 
     ev = cfg.eval
     chance = 1.0 / info(cfg.data.dataset).num_classes
     clean_draws = [[v for p in per for v in p["carso_clean"][d]] for d in range(ev.fresh_draws)]
-    grad = {k: sum(p["carso_randaa"]["grad_at_start"][k] for p in per) for k in ("nan", "zero", "n")}
+    checked = next(a.name for a in ran(per[0]) if "grad_at_start" in per[0][a.name])  # randAA's starting gradient
+    grad = {k: sum(p[checked]["grad_at_start"][k] for p in per) for k in ("nan", "zero", "n")}
     res = {
         "points": n, "first_example": ev.first_example, "dataset": cfg.data.dataset, "eps": ev.eps, "samples_per_input": ev.samples,
         "aggregation": ev.aggregation, "seed": ev.seed, "chunk_seeds": [p["seed"] for p in per],
@@ -89,14 +90,10 @@ def merge(out, cfg, chunks: list[tuple[int, int, int]], training: dict | None = 
         "carso_clean": {"draws": ev.fresh_draws, "mean": _mean([_mean(d) for d in clean_draws]),
                         "worst_draw": min(_mean(d) for d in clean_draws)},
         "classifier_autoattack": _attack(per, "clf_aa"),
-        "carso_randaa": _attack(per, "carso_randaa"),
-        "carso_pgd_eot": _attack(per, "carso_pgd_eot"),
-        "obfuscation_check": _attack(per, "obfuscation"),
+        **{a.key: _attack(per, a.name) for a in ran(per[0])},
         "gradient_at_attack_start": {"nan_share": grad["nan"] / grad["n"], "zero_share": grad["zero"] / grad["n"]},
         "diagnostics": _diagnostics(per, training),
     }
-    if "carso_pgd_eot_logit" in per[0]:
-        res["carso_pgd_eot_logit"] = _attack(per, "carso_pgd_eot_logit")
     ob = res["obfuscation_check"]
     ob["chance"] = chance
     ob["passed"] = ob["fresh"]["mean"] <= chance and ob["runner"] <= chance
@@ -105,13 +102,13 @@ def merge(out, cfg, chunks: list[tuple[int, int, int]], training: dict | None = 
     res["reduced_settings"] = reduced
     res["paper_strength"] = PAPER_STRENGTH
     res["summary"] = {"AT/Cl": res["classifier_clean"], "C/Cl": res["carso_clean"]["mean"],
-                      "AT/AA": res["classifier_autoattack"]["runner"], "C/randAA": res["carso_randaa"]["runner"],
-                      "C/randAA fresh mean": res["carso_randaa"]["fresh"]["mean"],
-                      "C/randAA fresh worst": res["carso_randaa"]["fresh"]["per_point_worst"],
-                      "PGD+EOT fresh mean": res["carso_pgd_eot"]["fresh"]["mean"],
-                      "PGD+EOT fresh worst": res["carso_pgd_eot"]["fresh"]["per_point_worst"]}
-    if "carso_pgd_eot_logit" in res:
-        res["summary"]["PGD+EOT (logit surrogate) fresh mean"] = res["carso_pgd_eot_logit"]["fresh"]["mean"]
+                      "AT/AA": res["classifier_autoattack"]["runner"]}
+    for a in ran(per[0]):
+        if a.label:
+            e = res[a.key]
+            res["summary"] |= {**({a.label: e["runner"]} if a.runner else {}),
+                               f"{a.label} fresh mean": e["fresh"]["mean"],
+                               **({f"{a.label} fresh worst": e["fresh"]["per_point_worst"]} if a.worst else {})}
     s = res["summary"]
     # The question the defence must answer: does CARSO under randAA (fresh-draw mean) keep more than its classifier
     # under standard AutoAttack? In accuracy points, with 95% Wilson intervals on both.
@@ -122,6 +119,16 @@ def merge(out, cfg, chunks: list[tuple[int, int, int]], training: dict | None = 
 
 def _pct(v: float) -> str:
     return f"{100 * v:.2f}%"
+
+
+def ran(record: dict) -> list:
+    """The entries of ``CARSO_ATTACKS`` whose results a chunk record (or results.json) holds, in their order."""
+    return [a for a in CARSO_ATTACKS if a.name in record or a.key in record]
+
+
+def _others(r: dict) -> list:
+    """The robustness numbers after the headline C/randAA: (label, fresh mean) of every other labelled attack."""
+    return [(a.label, r["summary"][f"{a.label} fresh mean"]) for a in ran(r) if a.label and not a.runner]
 
 
 def diagnostics_line(r: dict) -> str:
@@ -140,10 +147,8 @@ def running_line(r: dict) -> str:
     """One line of the numbers on the points finished so far (printed while a long evaluation runs)."""
     s = r["summary"]
     return (f"{r['points']} points{' [REDUCED STRENGTH]' if r['reduced_strength'] else ''}: AT/AA {_pct(s['AT/AA'])}, "
-            f"C/randAA fresh mean {_pct(s['C/randAA fresh mean'])}, PGD+EOT {_pct(s['PGD+EOT fresh mean'])}"
-            + (f", PGD+EOT via logit surrogate {_pct(s['PGD+EOT (logit surrogate) fresh mean'])}"
-               if "PGD+EOT (logit surrogate) fresh mean" in s else "")
-            + f", C/Cl {_pct(s['C/Cl'])}")
+            f"C/randAA fresh mean {_pct(s['C/randAA fresh mean'])}"
+            + "".join(f", {label} {_pct(v)}" for label, v in _others(r)) + f", C/Cl {_pct(s['C/Cl'])}")
 
 
 def summary_lines(r: dict) -> list[str]:
@@ -154,9 +159,7 @@ def summary_lines(r: dict) -> list[str]:
     lines = [f"{r['points']} points (test {first}-{first + r['points'] - 1}), eps {r['eps']:g}{tag}",
              f"AT/Cl {_pct(s['AT/Cl'])} | C/Cl {_pct(s['C/Cl'])} | AT/AA {_pct(s['AT/AA'])} | "
              f"C/randAA {_pct(s['C/randAA'])} (fresh draws: mean {_pct(s['C/randAA fresh mean'])}, worst "
-             f"{_pct(s['C/randAA fresh worst'])}) | PGD+EOT {_pct(s['PGD+EOT fresh mean'])}"
-             + (f" | PGD+EOT via logit surrogate {_pct(s['PGD+EOT (logit surrogate) fresh mean'])}"
-                if "PGD+EOT (logit surrogate) fresh mean" in s else ""),
+             f"{_pct(s['C/randAA fresh worst'])})" + "".join(f" | {label} {_pct(v)}" for label, v in _others(r)),
              f"C/randAA (fresh mean) - AT/AA = {100 * r['carso_minus_classifier']:+.2f} points",
              diagnostics_line(r),
              f"obfuscation check at eps {ob['settings']['eps']:g}: {_pct(ob['fresh']['mean'])} vs chance "
@@ -165,8 +168,8 @@ def summary_lines(r: dict) -> list[str]:
 
 
 def markdown(r: dict) -> str:
-    s, aa, ra, pe, ob = (r["summary"], r["classifier_autoattack"], r["carso_randaa"], r["carso_pgd_eot"],
-                         r["obfuscation_check"])
+    s, aa, ob = r["summary"], r["classifier_autoattack"], r["obfuscation_check"]
+    attacks = ran(r)
     lines = [f"# CARSO evaluation: {r['dataset']}", ""]
     if r["reduced_strength"]:
         lines += ["> **REDUCED STRENGTH.** These settings are below the paper's: "
@@ -187,28 +190,17 @@ def markdown(r: dict) -> str:
               f"- AT/AA: classifier alone, standard AutoAttack ({', '.join(aa['settings']['attacks'])}; APGD "
               f"{aa['settings']['apgd_steps']} steps, {aa['settings']['apgd_t_targets']} target classes, Square "
               f"{aa['settings']['square_queries']} queries; {aa['settings']['library']}).",
-              f"- C/randAA: CARSO end to end, AutoAttack 'rand' ({', '.join(ra['settings']['attacks'])}, "
-              f"{ra['settings']['steps']} steps, EOT {ra['settings']['eot']}, {ra['settings']['restarts']} restart), "
-              "as the runner scores it (one stochastic pass). Re-scored on "
-              f"{ra['fresh']['draws']} fresh passes: mean {_pct(ra['fresh']['mean'])}, worst pass "
-              f"{_pct(ra['fresh']['worst_draw'])}, points right on every pass {_pct(ra['fresh']['per_point_worst'])}.",
-              f"- PGD+EOT: {pe['settings']['steps']} steps of {pe['settings']['step_size']:g}, EOT "
-              f"{pe['settings']['eot']}, CE, random start; fresh passes: mean {_pct(pe['fresh']['mean'])}, points "
-              f"right on every pass {_pct(pe['fresh']['per_point_worst'])}.",
-              *([f"- PGD+EOT with its gradient through logit aggregation (same settings), the points scored on the "
-                 f"{r['aggregation']} aggregation: fresh mean {_pct(r['carso_pgd_eot_logit']['fresh']['mean'])}, points "
-                 f"right on every pass {_pct(r['carso_pgd_eot_logit']['fresh']['per_point_worst'])}."]
-                if "carso_pgd_eot_logit" in r else []),
+              *[a.describe(r[a.key], r) for a in attacks if a.label],
               f"- **C/randAA (fresh mean) - AT/AA = {100 * r['carso_minus_classifier']:+.2f} points.** 95% intervals "
               f"({r['points']} points): AT/AA {_pct(ci['AT/AA'][0])}-{_pct(ci['AT/AA'][1])}, C/randAA fresh mean "
               f"{_pct(ci['C/randAA fresh mean'][0])}-{_pct(ci['C/randAA fresh mean'][1])}.",
-              f"- Gradient-obfuscation check: the same randAA at eps {ob['settings']['eps']:g}: runner "
-              f"{_pct(ob['runner'])}, fresh mean {_pct(ob['fresh']['mean'])}, chance {_pct(ob['chance'])}: "
-              f"**{'passed' if ob['passed'] else 'FAILED'}**.",
+              *[a.describe(r[a.key], r) for a in attacks if not a.label],
               f"- Input gradient at the start of the attacks: NaN for {_pct(r['gradient_at_attack_start']['nan_share'])}"
               f" of points, exactly zero for {_pct(r['gradient_at_attack_start']['zero_share'])}.",
               "- Points misclassified by any clean pass count as not robust.", ""]
-    warns = {**aa.get("warnings", {}), **ra.get("warnings", {}), **ob.get("warnings", {})}
+    warns = {**aa.get("warnings", {})}
+    for a in attacks:
+        warns |= r[a.key].get("warnings", {})
     lines += ["## AutoAttack runtime checks", ""]
     lines += [f"- ({n}x) {w}" for w, n in warns.items()] or ["- none raised"]
     d = r["diagnostics"]

@@ -13,10 +13,19 @@ import yaml
 
 from . import runner
 from .config import ConfigError, fingerprint, load_config, parse_override, read_yaml
+from .evaluation import CARSO_ATTACKS
 from .log import echo
 from .store import atomic_file, atomic_write_bytes, atomic_write_json
 
-COLUMNS = ["AT/Cl", "C/Cl", "AT/AA", "C/randAA", "C/randAA fresh mean", "C/randAA fresh worst", "PGD+EOT fresh mean"]
+def columns(rows: list[dict]) -> list[str]:
+    """The summary columns of a sweep: AT/Cl, C/Cl, AT/AA, then from ``CARSO_ATTACKS`` in order the headline attack's
+    runner score, fresh mean and fresh worst, and every other robustness number's fresh mean; a column appears
+    when any row has it (a row without it leaves its cell blank)."""
+    wanted = ["AT/Cl", "C/Cl", "AT/AA"]
+    for a in CARSO_ATTACKS:
+        if a.label:
+            wanted += [a.label, f"{a.label} fresh mean", f"{a.label} fresh worst"] if a.runner else [f"{a.label} fresh mean"]
+    return [c for c in wanted if any(c in r["summary"] for r in rows)]
 
 
 def split_values(text: str) -> list[str]:
@@ -195,22 +204,28 @@ def _fmt(name: str, v, pct_sign: bool = True) -> str:
     return str(v)
 
 
+def _num(v, fmt: str) -> str:
+    return "" if v is None else fmt.format(v)
+
+
 def _csv(grid: dict, rows: list[dict]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow([*grid, *COLUMNS, *EXTRA, "points", "row wall s", "reduced_strength", "evaluate_key"])
+    cols = columns(rows)
+    w.writerow([*grid, *cols, *EXTRA, "points", "row wall s", "reduced_strength", "evaluate_key"])
     for r in rows:
-        w.writerow([_cell(r["combo"][k]) for k in grid] + [f"{r['summary'][c]:.4f}" for c in COLUMNS]
+        w.writerow([_cell(r["combo"][k]) for k in grid] + [_num(r["summary"].get(c), "{:.4f}") for c in cols]
                    + [_fmt(c, r["extra"].get(c), pct_sign=False) for c in EXTRA]
                    + [r["points"], f"{r['wall_s']:.0f}", r["reduced_strength"], r["keys"]["evaluate"]])
     return buf.getvalue()
 
 
 def _markdown(grid: dict, rows: list[dict]) -> str:
-    head = [*grid, *COLUMNS, *EXTRA, "points", "row wall s"]
+    cols = columns(rows)
+    head = [*grid, *cols, *EXTRA, "points", "row wall s"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
-        cells = [f"`{_cell(r['combo'][k])}`" for k in grid] + [f"{100 * r['summary'][c]:.2f}%" for c in COLUMNS]
+        cells = [f"`{_cell(r['combo'][k])}`" for k in grid] + [_num(r["summary"].get(c), "{:.2%}") for c in cols]
         cells += [_fmt(c, r["extra"].get(c)) for c in EXTRA]
         lines.append("| " + " | ".join(cells + [str(r["points"]), f"{r['wall_s']:.0f}"]) + " |")
     note = ("**REDUCED STRENGTH** in at least one run: see each run's report.md for its settings.\n\n"

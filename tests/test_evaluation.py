@@ -75,3 +75,51 @@ def test_autoattack_run_reports_the_library_settings_and_verdict():
     assert (adv.x - x).abs().max() <= 0.05 + 1e-6
     with torch.no_grad():  # the runner's verdict is the classifier's prediction on the returned points
         assert torch.equal(adv.runner, clf(adv.x).argmax(1))
+
+
+def test_an_attack_added_to_the_registry_reaches_results_report_running_line_and_sweep(tmp_path, monkeypatch):
+    """One entry in CARSO_ATTACKS is all an attack needs: it runs in every chunk and reaches results.json, the
+    summary, report.md, the console lines, the sweep's columns and plan's gradient count."""
+    import json
+
+    from pipeline import evaluation, report, sweep
+    from pipeline.config import RunConfig
+    from pipeline.evaluation import Adversarial, CarsoAttack, carso_passes, evaluate_chunk
+    from pipeline.store import Output, atomic_write_json
+
+    class Noise:  # uniform noise in the eps-ball: a real, weak attack
+        name, check_gradient_at_start = "carso_noise", False
+
+        def __init__(self, eps, seed):
+            self.eps, self.seed = eps, seed
+
+        def run(self, model, x, y):
+            g = torch.Generator().manual_seed(self.seed)
+            x_adv = (x + self.eps * (2 * torch.rand(x.shape, generator=g) - 1)).clamp(0, 1)
+            return Adversarial(x_adv, {"attack": "uniform noise", "eps": self.eps, "seed": self.seed})
+
+    noise = CarsoAttack("carso_noise", label="noise", make=lambda ev, s, device: Noise(ev.eps, s["pgd_eot"]),
+                        describe=lambda e, r: f"- noise: fresh mean {100 * e['fresh']['mean']:.2f}%.",
+                        passes=lambda ev: 0)
+    monkeypatch.setattr(evaluation, "CARSO_ATTACKS", [*evaluation.CARSO_ATTACKS, noise])
+    monkeypatch.setattr(report, "CARSO_ATTACKS", evaluation.CARSO_ATTACKS)
+    monkeypatch.setattr(sweep, "CARSO_ATTACKS", evaluation.CARSO_ATTACKS)
+    ev = EvalConfig(eps=0.1, aa_steps=1, aa_eot=1, pgd_eot_steps=1, pgd_eot_iters=1, fresh_draws=2, samples=2,
+                    batch_size=4)
+    cfg = RunConfig(eval=ev)
+    (x, y), carso = _points(3), _carso()
+    assert carso_passes(ev) == 2 * 1 + 1 + 2 * 1  # randAA, PGD+EOT, the obfuscation check; the noise needs none
+    rec = evaluate_chunk(carso.classifier, carso, x, y, ev, seed=0, device="cpu")
+    assert list(rec)[-1] == "carso_noise" and rec["carso_noise"]["settings"]["attack"] == "uniform noise"
+    out = Output(tmp_path, "evaluate", "k")
+    rec.update({"chunk": 0, "range": [0, 3]})
+    path = tmp_path / "chunks" / "chunk-0000.json"
+    path.parent.mkdir()
+    atomic_write_json(path, rec)
+    out.write_receipt("chunk-0000", [path], n=3)
+    r = json.loads(json.dumps(report.merge(out, cfg, [(0, 0, 3)])))  # as results.json holds it
+    assert r["carso_noise"]["fresh"]["draws"] == 2 and 0 <= r["summary"]["noise fresh mean"] <= 1
+    assert f"- noise: fresh mean {100 * r['summary']['noise fresh mean']:.2f}%." in report.markdown(r)
+    assert "noise" in report.running_line(r) and any("| noise " in line for line in report.summary_lines(r))
+    rows = [{"summary": r["summary"]}]
+    assert sweep.columns(rows)[-1] == "noise fresh mean"
