@@ -26,15 +26,17 @@ CONFIG = "configs/fmnist.yaml"
 
 # The modules that take longest, longest first: the two test processes (pyproject.toml: xdist, whole modules, in
 # this order) start on the first two, and the short modules fill in around them. test_purifier_stage builds the
-# shared toy store (``toy``) at the start, while the other process runs scenario (a), which does not need it.
-HEAVY_MODULES = ["test_scenario_a.py", "test_purifier_stage.py", "test_precompute.py", "test_evaluate_stage.py",
-                 "test_cluster.py", "test_probe_stage.py", "test_faults.py", "test_probes.py", "test_whole_job.py",
-                 "test_classifier_stage.py"]
+# shared toy store (``toy``) at the start, while the other process runs scenario (a), which does not need it; the
+# other modules reading the toy store come last (LATE_MODULES), so no process waits idle for it.
+HEAVY_MODULES = ["test_scenario_a.py", "test_purifier_stage.py", "test_precompute.py", "test_cluster.py",
+                 "test_faults.py", "test_probes.py", "test_classifier_stage.py"]
+LATE_MODULES = ["test_evaluate_stage.py", "test_probe_stage.py", "test_whole_job.py"]
 
 
 def pytest_collection_modifyitems(items):
-    rank = {name: i for i, name in enumerate(HEAVY_MODULES)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(HEAVY_MODULES)))  # stable: modules stay whole
+    order = [*HEAVY_MODULES, None, *LATE_MODULES]  # None: every other module, in collection order
+    rank = {name: i for i, name in enumerate(order)}
+    items.sort(key=lambda item: rank.get(item.path.name, order.index(None)))  # stable: modules stay whole
 
 
 def cli(*args, cwd=REPO, **kw) -> subprocess.CompletedProcess:
@@ -164,16 +166,19 @@ def fmnist_dir(tmp_path) -> Path:
     return make_fmnist(tmp_path / "fmnist")
 
 
-# The toy job every store-reading module shares: the default config at toy size (2 PGD-7 epochs of the SmallCNN on
+# The toy job every store-reading module shares: the default config at toy size (one PGD-7 epoch of the SmallCNN on
 # 384 images, 3-step training attacks in 64-example shards, a 2-epoch purifier on 2 Ray Train workers, 12 test points
-# at 1-3 attack steps), run once per test run by the CLI (``toy``): its evaluation is tests/test_evaluate_stage.py's.
-TOY_SETS = ["attack.n_examples=null", "classifier.train.epochs=2", "classifier.train.batch_size=32",
+# at 1-3 attack steps). TOY_JOB is what the shared store's `--stage all` ran (``toy``: an evaluation of 4 points;
+# tests/test_evaluate_stage.py evaluates the 12).
+TOY_SETS = ["attack.n_examples=null", "classifier.train.epochs=1", "classifier.train.batch_size=32",
+            "classifier.train.eval_pgd_steps=2",
             "data.test_subset=64", "attack.shard_size=64", "attack.batch_size=64", "attack.pgd_steps=3",
             "activations.chunk_rows=64", "purifier.batch_size=32", "purifier.epochs=2", "purifier.warmup_epochs=0",
             "purifier.plateau_epochs=1", "purifier.anneal_epochs=1", "purifier.beta_start_epoch=0",
             "purifier.beta_end_epoch=1", "purifier.plateau_lr=0.002", "purifier.final_lr=0.0005",
             "purifier.workers=2", "eval.n_examples=12", "eval.chunk_size=4", "eval.samples=2", "eval.aa_steps=3",
             "eval.aa_eot=2", "eval.pgd_eot_steps=3", "eval.pgd_eot_iters=2", "eval.fresh_draws=2", "eval.batch_size=8"]
+TOY_JOB = [*TOY_SETS, "eval.n_examples=4"]
 TOY_TRAIN, TOY_TEST = 384, 64
 
 
@@ -208,7 +213,7 @@ class Toy:
 
 def _build_toy(folder: Path) -> None:
     data = make_fmnist(folder / "fmnist", n_train=TOY_TRAIN, n_test=TOY_TEST)
-    args = cli_args(folder / "store", data, sets=TOY_SETS)
+    args = cli_args(folder / "store", data, sets=TOY_JOB)
     runs = {}
     # As tests/test_whole_job.py reads them: --only refuses upstream work, then like make, then the whole job.
     for name, stage in (("only", ["--stage", "attacks", "--only"]), ("attacks", ["--stage", "attacks"]),

@@ -7,11 +7,14 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO
 
 UNITS = {"attack", "purifier", "carso", "activations"}
 
 
+@pytest.mark.slow
 def test_gpu_check_on_cpu_reports_every_unit_against_the_measured_peaks():
     env = {**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""}  # the CPU path, even on a GPU machine
     proc = subprocess.run(["bash", "bench/gpu_check.sh"], cwd=REPO, env=env, capture_output=True, text=True,

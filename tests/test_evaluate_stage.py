@@ -97,6 +97,7 @@ def test_two_workers_equal_one_worker_and_outputs(store, data_dir, tmp_path):
     assert "PGD+EOT (logit surrogate) fresh mean" in rs["summary"]
 
 
+@pytest.mark.slow
 def test_an_interrupted_evaluation_resumes_to_the_same_result(store, data_dir, tmp_path):
     """The evaluation resumes from its chunk receipts, the one mechanism every stage's units use (a killed
     process leaving them is tested on the attacks stage, tests/test_precompute.py): a run that stopped after

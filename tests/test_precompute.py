@@ -183,10 +183,11 @@ def test_killed_stage_resumes_to_identical_output(built, data_dir, tmp_path):
         shutil.copytree(built["store"] / "fmnist" / "classifier", root / "fmnist" / "classifier")
     ctx, _ = make_ctx(ref, data_dir, *extra)  # the reference on this module's Ray; the killed run is the CLI's own
     ref_dir = runner.run(ctx, "attacks", only=True)[0].dir
-    proc = start_cli("run", "--stage", "attacks", *_args(store, data_dir, *extra))
-    found = wait_for(store, "fmnist/attacks/*/_units/*.json", proc)
-    kill_group(proc)
-    assert found, "the stage ended before it finished a unit"
+    with open(tmp_path / "killed.txt", "w") as err:
+        proc = start_cli("run", "--stage", "attacks", *_args(store, data_dir, *extra), stderr=err)
+        found = wait_for(store, "fmnist/attacks/*/_units/*.json", proc)
+        kill_group(proc)
+    assert found, "the stage ended before it finished a unit: " + (tmp_path / "killed.txt").read_text()[-3000:]
     units = found[0].parent
     out_dir = units.parent
     done_before = len(list(units.glob("*.json")))

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests.conftest import REPO, TOY_SETS, cli, cli_args
+from tests.conftest import REPO, TOY_JOB, cli, cli_args
 
 
 PROJECT_LINE = re.compile(r"^\[(classifier|attacks|activations|purifier|evaluate|ray|pipeline|sweep)\] ")
@@ -20,13 +20,13 @@ def test_all_then_cache_hits_then_sweep_reuses_upstream(toy, tmp_path):
     copy of the store."""
     store = tmp_path / "store"
     shutil.copytree(toy.store, store)
-    args = cli_args(store, toy.data, sets=TOY_SETS)
+    args = cli_args(store, toy.data, sets=TOY_JOB)
     only, a, r = (SimpleNamespace(**toy.runs[name]) for name in ("only", "attacks", "all"))
     assert only.returncode == 1 and "classifier output" in only.stderr and "is not complete" in only.stderr
     assert len(only.stderr.strip().splitlines()) == 1  # and it wrote nothing: `attacks` below ran the classifier
     assert a.returncode == 0, a.stderr[-3000:]
     assert "[pipeline] --stage attacks needs classifier first" in a.stderr and "[classifier] running" in a.stderr
-    assert a.stderr.count("[classifier] epoch 2/2: adversarial loss") == 1  # the task's progress, printed once
+    assert a.stderr.count("[classifier] epoch 1/1: adversarial loss") == 1  # the task's progress, printed once
     assert not list(store.glob("fmnist/classifier/*/.progress*"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "[evaluate] report: " in r.stderr and r.stderr.count("cache hit") == 2

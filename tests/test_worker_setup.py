@@ -40,6 +40,7 @@ def _train(side: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux" or ctypes.util.find_library("c") is None, reason="glibc malloc only")
 def test_pinned_malloc_thresholds_stop_the_page_fault_storm_and_change_no_number():
     pinned, default = _train("pinned"), _train("default")
