@@ -150,6 +150,7 @@ def data(trained_classifier):
     return trained_classifier[0]
 
 
+@pytest.mark.slow
 def test_a_store_too_small_for_the_plan_stops_before_any_work(tmp_path, data):
     with small_fs(tmp_path / "store", 1024) as store:
         r = cli("run", "--stage", "attacks", *cli_args(store, data, sets=SMALL))

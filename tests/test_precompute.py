@@ -161,6 +161,7 @@ def test_stale_keys_miss(built, data_dir):
     assert ctx.output("attacks").dir != built["outs"]["attacks"].dir
 
 
+@pytest.mark.slow
 def test_same_bytes_whatever_the_worker_count(built, data_dir, tmp_path):
     ctx, _ = make_ctx(tmp_path / "s2", data_dir, workers=2)
     runner.run(ctx, "classifier")
