@@ -249,7 +249,7 @@ def carso_passes(ev) -> int:
     return sum(a.passes(ev) for a in CARSO_ATTACKS)
 
 
-def _p(v: float) -> str:
+def pct(v: float) -> str:
     return f"{100 * v:.2f}%"
 
 
@@ -257,23 +257,23 @@ def _describe_randaa(e: dict, r: dict) -> str:
     st, fr = e["settings"], e["fresh"]
     return (f"- C/randAA: CARSO end to end, AutoAttack 'rand' ({', '.join(st['attacks'])}, {st['steps']} steps, EOT "
             f"{st['eot']}, {st['restarts']} restart), as the runner scores it (one stochastic pass). Re-scored on "
-            f"{fr['draws']} fresh passes: mean {_p(fr['mean'])}, worst pass {_p(fr['worst_draw'])}, points right on "
-            f"every pass {_p(fr['per_point_worst'])}.")
+            f"{fr['draws']} fresh passes: mean {pct(fr['mean'])}, worst pass {pct(fr['worst_draw'])}, points right on "
+            f"every pass {pct(fr['per_point_worst'])}.")
 
 
 def _describe_pgd_eot(e: dict, r: dict) -> str:
     st, fr = e["settings"], e["fresh"]
     if "gradient_through" in st:
         return (f"- PGD+EOT with its gradient through {st['gradient_through']} (same settings), the points scored on "
-                f"the {r['aggregation']} aggregation: fresh mean {_p(fr['mean'])}, points right on every pass "
-                f"{_p(fr['per_point_worst'])}.")
+                f"the {r['aggregation']} aggregation: fresh mean {pct(fr['mean'])}, points right on every pass "
+                f"{pct(fr['per_point_worst'])}.")
     return (f"- PGD+EOT: {st['steps']} steps of {st['step_size']:g}, EOT {st['eot']}, CE, random start; fresh passes: "
-            f"mean {_p(fr['mean'])}, points right on every pass {_p(fr['per_point_worst'])}.")
+            f"mean {pct(fr['mean'])}, points right on every pass {pct(fr['per_point_worst'])}.")
 
 
 def _describe_obfuscation(e: dict, r: dict) -> str:
-    return (f"- Gradient-obfuscation check: the same randAA at eps {e['settings']['eps']:g}: runner {_p(e['runner'])}, "
-            f"fresh mean {_p(e['fresh']['mean'])}, chance {_p(e['chance'])}: "
+    return (f"- Gradient-obfuscation check: the same randAA at eps {e['settings']['eps']:g}: runner {pct(e['runner'])}, "
+            f"fresh mean {pct(e['fresh']['mean'])}, chance {pct(e['chance'])}: "
             f"**{'passed' if e['passed'] else 'FAILED'}**.")
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from .data import info
-from .evaluation import CARSO_ATTACKS, PAPER_STRENGTH, reduced_settings
+from .evaluation import CARSO_ATTACKS, PAPER_STRENGTH, pct, reduced_settings
 from .store import atomic_file, require_intact
 
 
@@ -117,8 +117,7 @@ def merge(out, cfg, chunks: list[tuple[int, int, int]], training: dict | None = 
     return res
 
 
-def _pct(v: float) -> str:
-    return f"{100 * v:.2f}%"
+_pct = pct  # a fraction as a percentage with two decimals (pipeline.evaluation.pct)
 
 
 def ran(record: dict) -> list:

@@ -70,8 +70,7 @@ def run_stage(ctx: Context, stage: str, rebuild: bool = False) -> Output:
             ctx.log(f"[{stage}] --rebuild: removing {out.dir}")
             shutil.rmtree(out.dir)
         ctx.output(stage, create=True)
-        for tmp in stale_temporaries(out.dir):
-            tmp.unlink(missing_ok=True)
+        _remove_stale(out)
         done = out.done_units()
         if done:
             ctx.log(f"[{stage}] resuming {out.dir}: {len(done)} unit(s) already finished")
@@ -99,10 +98,15 @@ def _stop_writers(ctx: Context, out: Output) -> None:
     resumes (above) or by ``pipeline verify --fix``. Never raises over the error being handled."""
     try:
         if ctx.stop_local_ray(logs_to=None if ctx.verbose else ctx.store.root / "logs"):
-            for tmp in stale_temporaries(out.dir):
-                tmp.unlink(missing_ok=True)
+            _remove_stale(out)
     except Exception:  # noqa: BLE001
         pass
+
+
+def _remove_stale(out: Output) -> None:
+    """Remove the temporaries of dead writers under ``out`` (the output's lock held)."""
+    for tmp in stale_temporaries(out.dir):
+        tmp.unlink(missing_ok=True)
 
 
 def run(ctx: Context, stage: str, only: bool = False, rebuild: bool = False) -> list[Output]:
