@@ -20,12 +20,12 @@ import torch
 from tests.conftest import REPO
 from tests.test_models import _robustbench_wrn
 
-N_TRAIN_PER_BATCH, N_TEST = 2, 2  # 5 data batches -> 10 training images; 2 test points
+N_TRAIN_PER_BATCH, N_TEST = 1, 2  # 5 data batches -> 5 training images; 2 test points
 
 SETS = ["attack.n_examples=null", "attack.shard_size=10", "attack.batch_size=10", "attack.pgd_steps=1",
         "activations.chunk_rows=10", "activations.batch_size=10", "classifier.train.eval_pgd_steps=1",
         "purifier.epochs=1", "purifier.warmup_epochs=0", "purifier.plateau_epochs=0", "purifier.anneal_epochs=1",
-        "purifier.beta_start_epoch=0", "purifier.beta_end_epoch=1", "purifier.batch_size=8", "purifier.workers=1",
+        "purifier.beta_start_epoch=0", "purifier.beta_end_epoch=1", "purifier.batch_size=4", "purifier.workers=1",
         "eval.n_examples=1", "eval.chunk_size=1", "eval.samples=2", "eval.aa_steps=1", "eval.aa_eot=1",
         "eval.pgd_eot_steps=1", "eval.pgd_eot_iters=1", "eval.fresh_draws=1", "eval.batch_size=2"]
 
@@ -88,7 +88,7 @@ def test_scenario_a_runs_end_to_end_on_cpu(scenario):
     clf = _manifest(store, "classifier")
     assert clf["arch"] == "wrn-28-10" and clf["activation"] == "swish"
     acts = _manifest(store, "activations")
-    assert acts["counts"]["layers"] == 26 and acts["counts"]["rows"] == 50  # Table 5, 10 examples x 5 kinds
+    assert acts["counts"]["layers"] == 26 and acts["counts"]["rows"] == 5 * 5 * N_TRAIN_PER_BATCH  # Table 5; 5 examples x 5 kinds
     pur = _manifest(store, "purifier", "cache")
     assert pur["counts"]["parameters"] == 106_381_537 and pur["counts"]["epochs"] == 1
     assert len(pur["inputs"]["layers"]) == 26
@@ -105,8 +105,8 @@ def test_scenario_a_runs_end_to_end_on_cpu(scenario):
     per_example = {
         "classifier (test PGD-1 per test point)": clf["timings"]["total_s"] / N_TEST,
         "attacks (per training example)": _manifest(store, "attacks")["timings"]["total_s"] / (5 * N_TRAIN_PER_BATCH),
-        "activations (per sample)": acts["timings"]["total_s"] / 50,
-        "purifier (per trained example)": pur["timings"]["total_s"] / 8,
+        "activations (per sample)": acts["timings"]["total_s"] / (25 * N_TRAIN_PER_BATCH),
+        "purifier (per trained example)": pur["timings"]["total_s"] / 4,
         "evaluate (per point)": ev["timings"]["total_s"]}
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     print(json.dumps({"seconds_per_example": {k: round(v, 2) for k, v in per_example.items()},
