@@ -446,15 +446,6 @@ def to_dict(obj) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(obj)))
 
 
-def key_fields(section, exclude: tuple[str, ...] = ()) -> dict:
-    """A config section as it enters a store key: without ``exclude`` (runtime-only fields) and without
-    ``precision`` at its float32 default, so outputs written before that setting existed keep their keys."""
-    d = {k: v for k, v in dataclasses.asdict(section).items() if k not in exclude}
-    if d.get("precision") == "float32":
-        del d["precision"]
-    return d
-
-
 def fingerprint(*parts: Any) -> str:
     """A short, stable hash of JSON-serialisable parts (used for store keys)."""
     blob = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str).encode()

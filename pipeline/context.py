@@ -9,17 +9,19 @@ What one stage needs to know of another's output is a public function here (``cl
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Callable, Mapping
 
 from .cluster import connect, save_logs, stop_local
-from .config import RunConfig, fingerprint
+from .config import RunConfig
 from .errors import UserError
 from .log import echo
 from .models import build_classifier
 from .models.hooks import check_layers
+from .spec import Spec, allowed_fields, build_spec, restricted
 from .store import Output, Store, StoreError
 
 
@@ -67,22 +69,37 @@ class Context:
         self.ray_ready = self._started_local_ray = False
         return True
 
-    def key(self, stage: str) -> str:
-        """The store key of a stage: its module's ``key(ctx)`` (everything in the config and upstream that
-        determines the output) combined with the module's code ``VERSION``, which is bumped whenever a code change
-        alters what the stage writes, so an output written by older code is never served as a cache hit.
-        Computed once per run (``forget_keys`` after a stage wrote something)."""
+    def spec(self, stage: str) -> Spec:
+        """The spec of a stage (``pipeline.spec``): everything in the config and upstream that determines its
+        output, with the module's code ``VERSION`` (bumped whenever a code change alters what the stage writes, so
+        an output of older code is never served as a cache hit). Built once per run (``forget_keys`` after a stage
+        wrote something)."""
         if stage not in self._keys:
-            mod = self.graph[stage]
-            self._keys[stage] = fingerprint({"stage": stage, "code_version": mod.VERSION, "inputs": mod.key(self)})
+            self._keys[stage] = build_spec(self, stage)
         return self._keys[stage]
+
+    def key(self, stage: str) -> str:
+        """The store key of a stage: the hash of its spec."""
+        return self.spec(stage).key
+
+    @contextmanager
+    def running(self, stage: str):
+        """While ``stage`` runs, its config is restricted to its spec (and its upstream stages' and the key-free
+        fields): reading any other field raises (``pipeline.spec.NotInSpec``)."""
+        full = self.cfg
+        self.cfg = restricted(full, allowed_fields(self.graph, stage, full), stage)
+        try:
+            yield
+        finally:
+            self.cfg = full
 
     def forget_keys(self) -> None:
         self._keys.clear()
 
     def output(self, stage: str, create: bool = False) -> Output:
-        out = self.store.output(self.cfg.data.dataset, stage, self.key(stage), create=create)
-        out.code_version = self.graph[stage].VERSION
+        spec = self.spec(stage)
+        out = self.store.output(self.cfg.data.dataset, stage, spec.key, create=create)
+        out.code_version, out.spec = spec.version, spec.as_dict()
         return out
 
     def output_or_none(self, stage: str, complete: bool = False) -> Output | None:

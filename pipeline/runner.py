@@ -78,7 +78,8 @@ def run_stage(ctx: Context, stage: str, rebuild: bool = False) -> Output:
             ctx.log(f"[{stage}] running -> {out.dir}")
         t0 = time.perf_counter()
         try:
-            mod.run(ctx, out)
+            with ctx.running(stage):
+                mod.run(ctx, out)
             ctx.forget_keys()  # downstream keys read this output's manifest
         except BaseException:
             _stop_writers(ctx, out)
@@ -180,6 +181,10 @@ def verify(store: Store, ctx: Context | None = None, fix: bool = False) -> Verif
         outputs = store.all_outputs()
     lines, problems, fixed = [], [], 0
     for out in outputs:
+        if _predates_specs(out):  # never a cache hit (its key is not any spec's hash); not corrupt either
+            lines.append(f"old {out.stage:<12} {out.dir} (stale: written before specs; a run recomputes it under "
+                         f"a new key)")
+            continue
         if fix:  # before hashing, so each file is hashed once
             for tmp in stale_temporaries(out.dir):
                 tmp.unlink(missing_ok=True)
@@ -199,6 +204,13 @@ def verify(store: Store, ctx: Context | None = None, fix: bool = False) -> Verif
             problems.append(f"{d}: empty key folder (a failed run's; `pipeline verify --fix` removes it)")
     summary = f"{len(outputs)} output(s) checked, {len(problems)} problem(s)" + (f", {fixed} removed" if fix else "")
     return VerifyReport(lines, problems, summary)
+
+
+def _predates_specs(out: Output) -> bool:
+    try:
+        return "spec" not in out.manifest()
+    except Exception:  # noqa: BLE001 - an unreadable manifest is verify_output's to report
+        return False
 
 
 def store_root(path: str | Path) -> Store:

@@ -197,6 +197,7 @@ class Output:
     key: str
     # The writing stage's code VERSION (recorded in the manifest); None where an output is only read.
     code_version: int | None = None
+    spec: dict | None = None  # what determines this output (pipeline.spec.Spec.as_dict), stored in its manifest
 
     @property
     def manifest_path(self) -> Path:
@@ -236,10 +237,10 @@ class Output:
         return [json.loads(p.read_text()) for p in sorted(d.glob("*.json"))] if d.is_dir() else []
 
     # ---- completion -------------------------------------------------------------------------------
-    def finalize(self, *, config: dict, inputs: dict, files: list[dict], counts: dict, timings: dict,
+    def finalize(self, *, inputs: dict, files: list[dict], counts: dict, timings: dict,
                  extra: dict | None = None) -> dict:
         manifest = {"format": FORMAT_VERSION, "stage": self.stage, "key": self.key, "code_version": self.code_version,
-                    "config": config,
+                    "spec": self.spec,
                     "inputs": inputs, "files": sorted(files, key=lambda r: r["name"]), "counts": counts,
                     "timings": timings, "package_version": package_version(), "python": platform.python_version(),
                     "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(extra or {})}

@@ -16,7 +16,7 @@ import torch
 from pipeline import zarr_store
 from pipeline.attacks import KINDS
 from pipeline.cluster import prepare_worker
-from pipeline.config import ActivationsConfig, fingerprint, key_fields, to_dict
+from pipeline.config import ActivationsConfig
 from pipeline.context import Context, cached_layers, classifier_identity
 from pipeline.data import info
 from pipeline.models import build_classifier, classifier_payload
@@ -36,12 +36,16 @@ VERSION = 1
 UPSTREAM = ("classifier", "attacks")
 
 
-def key(ctx: Context) -> str:
-    attacks = ctx.upstream("attacks")
-    return fingerprint({"stage": "activations", "attacks": attacks.key,
-                        "weights_sha256": classifier_identity(ctx)["weights_sha256"],
-                        "layers": cached_layers(ctx),  # resolved: null and the explicit default list share a key
-                        "activations": key_fields(ctx.cfg.activations, exclude=("layers",))})
+# The spec (pipeline/spec.py): the store layout's settings, the hooked layers resolved (null and the
+# architecture's explicit default list are one spec), the attack shards and the classifier's weights (inputs).
+READS = ("data.dataset", "activations.layers", "activations.dtype", "activations.chunk_rows", "activations.clevel",
+         "activations.batch_size", "activations.precision")
+RESOLVED = {"activations.layers": "layers"}
+
+
+def inputs(ctx: Context) -> dict:
+    return {"attacks": ctx.upstream("attacks").key, "weights_sha256": classifier_identity(ctx)["weights_sha256"],
+            "layers": cached_layers(ctx)}
 
 
 class ActivationWorker(_pool.UnitWorker):
@@ -133,8 +137,7 @@ def run(ctx: Context, out: Output) -> None:
     files = [f for r in receipts.values() for f in r["files"]]
     atomic_write_json(out.dir / "layout.json", attrs)
     files.append(file_record(out.dir, out.dir / "layout.json"))
-    out.finalize(config={"activations": to_dict(a)},
-                 inputs={"attacks": attacks.key,
+    out.finalize(inputs={"attacks": attacks.key,
                          "weights_sha256": am["inputs"]["classifier"]["weights_sha256"],
                          "shards": {u["file"]: records[u["file"]]["sha256"] for u in units}},
                  files=files, counts={"rows": n_rows, "layers": len(layers), "bytes_per_row_raw": per_row},

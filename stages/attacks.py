@@ -15,7 +15,7 @@ import torch
 
 from pipeline.attacks import KINDS, training_mix
 from pipeline.cluster import prepare_worker
-from pipeline.config import AttackConfig, fingerprint, key_fields, to_dict
+from pipeline.config import AttackConfig
 from pipeline.context import Context, classifier_identity, data_identity
 from pipeline.data import info, load_split, to_float
 from pipeline.models import classifier_payload
@@ -50,9 +50,14 @@ VERSION = 1
 UPSTREAM = ("classifier",)
 
 
-def key(ctx: Context) -> str:
-    return fingerprint({"stage": "attacks", "data": data_identity(ctx.cfg, "train"),
-                        "classifier": classifier_identity(ctx), "attack": key_fields(ctx.cfg.attack)})
+# The spec (pipeline/spec.py): the training data, every attack setting, and the classifier (inputs).
+READS = ("data.dataset", "data.train_subset", "attack.eps", "attack.eps_scaling", "attack.pgd_steps",
+         "attack.pgd_step_size", "attack.pgd_random_start", "attack.n_examples", "attack.batch_size",
+         "attack.shard_size", "attack.seed", "attack.precision")
+
+
+def inputs(ctx: Context) -> dict:
+    return {"classifier": classifier_identity(ctx)}
 
 
 def shard_name(k: int) -> str:
@@ -116,8 +121,7 @@ def run(ctx: Context, out: Output) -> None:
     if missing:
         raise RuntimeError(f"[attacks] units {missing[:3]} produced no receipt")
     files = [f for u in all_units for f in receipts[u["unit"]]["files"]]
-    out.finalize(config={"data": to_dict(cfg.data), "attack": to_dict(cfg.attack)},
-                 inputs={"train": data_identity(cfg, "train"), "train_data_sha256": array_sha256(x, y),
+    out.finalize(inputs={"train": data_identity(cfg, "train"), "train_data_sha256": array_sha256(x, y),
                          "classifier": classifier_identity(ctx)},
                  files=files,
                  counts={"examples": n, "samples": len(KINDS) * n, "shards": len(all_units), "shard_size": S},

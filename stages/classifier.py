@@ -6,7 +6,6 @@ store, so the task may land on any node.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from pathlib import Path
@@ -15,7 +14,7 @@ import torch
 
 from pipeline.adv_train import accuracy_under_pgd, adversarial_train
 from pipeline.cluster import device_for, prepare_worker, worker_resources
-from pipeline.config import RunConfig, fingerprint, to_dict
+from pipeline.config import RunConfig
 from pipeline.context import Context, data_identity
 from pipeline.data import load_split
 from pipeline.log import Follow
@@ -36,22 +35,30 @@ VERSION = 1
 UPSTREAM: tuple[str, ...] = ()
 
 
-def key(ctx: Context) -> str:
+_TRAIN = ("epochs", "batch_size", "lr", "momentum", "weight_decay", "eps", "pgd_steps", "pgd_step_size", "seed")
+_TEST = ("eval_pgd_steps", "eval_pgd_step_size", "eval_batch_size")
+# The spec (pipeline/spec.py): the test evaluation always; the training settings only when it trains, the
+# RobustBench name only when it loads one (a `file` checkpoint enters by its sha256: inputs).
+READS = ("data.dataset", "data.test_subset", "classifier.arch", "classifier.activation", "classifier.source",
+         *(f"classifier.train.{f}" for f in _TEST), "data.train_subset", *(f"classifier.train.{f}" for f in _TRAIN),
+         "classifier.robustbench_name")
+
+
+def reads(cfg) -> tuple[str, ...]:
+    c = cfg.classifier
+    return tuple(p for p in READS if not (
+        (c.source != "train" and (p == "data.train_subset" or p.split(".")[-1] in _TRAIN))
+        or (c.source != "robustbench" and p == "classifier.robustbench_name")))
+
+
+def inputs(ctx: Context) -> dict:
     c = ctx.cfg.classifier
-    ident: dict = {"stage": "classifier", "arch": c.arch, "activation": c.activation, "source": c.source,
-                   "dataset": ctx.cfg.data.dataset, "test": data_identity(ctx.cfg, "test"),
-                   "eval": {k: v for k, v in dataclasses.asdict(c.train).items() if k.startswith("eval_")}}
-    if c.source == "train":
-        ident["train"] = dataclasses.asdict(c.train)
-        ident["data"] = data_identity(ctx.cfg, "train")
-    elif c.source == "file":
-        try:
-            ident["file_sha256"] = sha256_file(Path(c.path))
-        except FileNotFoundError:
-            raise ModelError(f"{c.path}: checkpoint not found (classifier.path)") from None
-    else:
-        ident["robustbench_name"] = c.robustbench_name
-    return fingerprint(ident)
+    if c.source != "file":
+        return {}
+    try:
+        return {"file_sha256": sha256_file(Path(c.path))}
+    except FileNotFoundError:
+        raise ModelError(f"{c.path}: checkpoint not found (classifier.path)") from None
 
 
 def _obtain(cfg: RunConfig, train_ref, test_ref, out_dir: str, device: str, threads: int, progress: str) -> dict:
@@ -117,8 +124,7 @@ def run(ctx: Context, out: Output) -> None:
             f"(Linf eps={metrics['attack']['eps']:g}, {metrics['attack']['steps']} steps of "
             f"{metrics['attack']['step_size']:g}, random start, n={metrics['n']})")
     files = [file_record(out.dir, out.dir / n) for n in ("model.pt", "metrics.json")]
-    out.finalize(config={"data": to_dict(cfg.data), "classifier": to_dict(cfg.classifier)},
-                 inputs={"test": data_identity(cfg, "test"),
+    out.finalize(inputs={"test": data_identity(cfg, "test"),
                          **({"train": data_identity(cfg, "train"), "train_data_sha256": array_sha256(*train)}
                             if train else {})},
                  files=files, counts={"test_examples": metrics["n"]},

@@ -17,7 +17,7 @@ import torch
 
 from pipeline import report
 from pipeline.cluster import default_workers, device_for, prepare_worker, worker_resources
-from pipeline.config import EvalConfig, fingerprint, key_fields, to_dict
+from pipeline.config import EvalConfig, fingerprint
 from pipeline.context import Context, classifier_identity, data_identity
 from pipeline.data import DataError, load_split, to_float
 from pipeline.defense import CarsoWeights
@@ -57,12 +57,16 @@ BASELINE_VERSION = 2
 UPSTREAM = ("classifier", "attacks", "purifier")
 
 
-def key(ctx: Context) -> str:
-    pur = ctx.upstream("purifier")
-    ev = key_fields(ctx.cfg.eval)
-    return fingerprint({"stage": "evaluate", "purifier": pur.key, "test": data_identity(ctx.cfg, "test"),
-                        "weights_sha256": classifier_identity(ctx)["weights_sha256"],
-                        "eval": ev})
+# The spec (pipeline/spec.py): every evaluation setting, the test points, the purifier and the classifier's
+# weights (inputs).
+READS = ("data.dataset", "data.test_subset", "eval.eps", "eval.first_example", "eval.n_examples", "eval.samples",
+         "eval.aggregation", "eval.aa_steps", "eval.aa_eot", "eval.pgd_eot_steps", "eval.pgd_eot_step_size",
+         "eval.pgd_eot_iters", "eval.pgd_eot_logit_surrogate", "eval.obfuscation_eps", "eval.fresh_draws",
+         "eval.backend", "eval.chunk_size", "eval.batch_size", "eval.seed", "eval.precision")
+
+
+def inputs(ctx: Context) -> dict:
+    return {"purifier": ctx.upstream("purifier").key, "weights_sha256": classifier_identity(ctx)["weights_sha256"]}
 
 
 # Each chunk's random streams are the chunk seed + pipeline.evaluation.SEED_OFFSETS: chunk seeds SEED_STRIDE apart
@@ -192,7 +196,7 @@ def run(ctx: Context, out: Output) -> None:
     if report.samples_grid(out.dir / "chunks" / "examples.npz", out.dir / "samples.png"):
         names.append("samples.png")
     files = [f for r in out.receipts() for f in r["files"]] + [file_record(out.dir, out.dir / nm) for nm in names]
-    out.finalize(config={"eval": to_dict(ev)}, inputs={"purifier": pur.key, "test": data_identity(cfg, "test")},
+    out.finalize(inputs={"purifier": pur.key, "test": data_identity(cfg, "test")},
                  files=files, counts={"points": n, "chunks": len(chunks)}, timings=results["timings"],
                  extra={"summary": results["summary"], "reduced_strength": results["reduced_strength"]})
     for line in report.summary_lines(results):

@@ -30,7 +30,7 @@ import torch
 from pipeline import probe_report
 from pipeline import probes as P
 from pipeline.cluster import default_workers, device_for, prepare_worker, worker_resources
-from pipeline.config import ProbesConfig, fingerprint, key_fields, to_dict
+from pipeline.config import ProbesConfig
 from pipeline.context import Context, cached_subset, classifier_identity, data_identity
 from pipeline.data import info, load_split, to_float
 from pipeline.log import Progress
@@ -60,21 +60,32 @@ def probed_layers(ctx: Context) -> list[str]:
     return cached_subset(ctx, "probes.layers", ctx.cfg.probes.layers)
 
 
-def key(ctx: Context) -> str:
-    cfg = ctx.cfg
+_TRANSFER = ("epochs",)
+_ROBUST = ("robust_examples", "robust_epochs", "robust_pgd_steps", "robust_pgd_step_size")
+# The spec (pipeline/spec.py): only what the enabled probe kinds read (the transfer probes' epochs and the robust
+# probes' training settings, and the training data, leave it when that kind is off); the layers and eps resolved
+# (eps: probes.eps or eval.eps); the classifier and the cached activations (inputs).
+READS = ("data.dataset", "data.test_subset", "probes.layers", "probes.first_example", "probes.n_examples",
+         "probes.eps", "eval.eps", "probes.pgd_steps", "probes.pgd_step_size", "probes.transfer", "probes.robust",
+         "probes.lr", "probes.weight_decay", "probes.batch_size", "probes.seed",
+         *(f"probes.{f}" for f in _TRANSFER), "data.train_subset", *(f"probes.{f}" for f in _ROBUST))
+RESOLVED = {"probes.layers": "layers", "probes.eps": "eps", "eval.eps": "eps"}
+
+
+def reads(cfg) -> tuple[str, ...]:
     p = cfg.probes
-    # Only what the enabled probe kinds read: the transfer probes' epochs and the robust probes' training settings
-    # leave the key when that kind is off.
-    off = (() if p.transfer else ("epochs",)) + (() if p.robust else tuple(
-        f for f in ("robust_examples", "robust_epochs", "robust_pgd_steps", "robust_pgd_step_size")))
-    ident = {"stage": "probes", "classifier": classifier_identity(ctx),  # arch, activation and weights sha256
-             "layers": probed_layers(ctx), "eps": resolved_eps(cfg), "test": data_identity(cfg, "test"),
-             "probes": key_fields(p, exclude=("layers", "eps", *off))}
-    if cfg.probes.transfer:
-        ident["activations"] = ctx.upstream("activations").key
-    if cfg.probes.robust:
-        ident["train"] = data_identity(cfg, "train")
-    return fingerprint(ident)
+    skip = {"eval.eps"} if p.eps is not None else set()
+    if not p.transfer:
+        skip |= {f"probes.{f}" for f in _TRANSFER}
+    if not p.robust:
+        skip |= {f"probes.{f}" for f in _ROBUST} | {"data.train_subset"}
+    return tuple(f for f in READS if f not in skip)
+
+
+def inputs(ctx: Context) -> dict:
+    cfg = ctx.cfg
+    return {"classifier": classifier_identity(ctx), "layers": probed_layers(ctx), "eps": resolved_eps(cfg),
+            **({"activations": ctx.upstream("activations").key} if cfg.probes.transfer else {})}
 
 
 def layer_seed(seed: int, layer: str) -> int:
@@ -220,7 +231,7 @@ def run(ctx: Context, out: Output) -> None:
     if probe_report.figure(result, out.dir / "probes.png"):
         names.append("probes.png")
     files = [f for r in out.receipts() for f in r["files"]] + [file_record(out.dir, out.dir / n) for n in names]
-    out.finalize(config={"probes": to_dict(p)}, inputs={"weights_sha256": classifier_identity(ctx)["weights_sha256"],
+    out.finalize(inputs={"weights_sha256": classifier_identity(ctx)["weights_sha256"],
                                                         "test": data_identity(cfg, "test"),
                                                         **({"activations": ctx.upstream("activations").key}
                                                            if p.transfer else {})},

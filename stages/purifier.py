@@ -20,7 +20,6 @@ import torch.distributed as dist
 
 from pipeline.balanced import BalancedBatches, steps_per_epoch, worker_kinds
 from pipeline.cluster import cluster_gpus, cpus_per_node, prepare_worker
-from pipeline.config import fingerprint, key_fields, to_dict
 from pipeline.context import Context, classifier_identity, conditioning_layers
 from pipeline.data import info
 from pipeline.errors import UserError, find_user_error, one_line
@@ -32,16 +31,6 @@ from pipeline.sizing import layer_shapes
 from pipeline.store import Output, StoreError, atomic_write_bytes, atomic_write_json, file_record, require_intact
 
 CKPT_DIR = "checkpoints"
-
-
-def _source_key(ctx: Context) -> dict:
-    if ctx.cfg.purifier.activations_source == "cache":
-        return {"activations": ctx.upstream("activations").key}
-    attacks = ctx.upstream("attacks")
-    a = ctx.cfg.activations
-    # Recomputed on the fly: the classifier's forward under activations.precision (float32 absent, as elsewhere).
-    return {"attacks": attacks.key, "activations_dtype": a.dtype,
-            **({"activations_precision": a.precision} if a.precision != "float32" else {})}
 
 
 # Code version of this stage, part of its store key (pipeline.context.Context.key): bump it whenever a change
@@ -58,16 +47,29 @@ def upstream(cfg) -> tuple[str, ...]:
     return UPSTREAM if cfg.purifier.activations_source == "cache" else ("classifier", "attacks")
 
 
-def key(ctx: Context) -> str:
-    # ``layers`` enters through the resolved list only: null and the equivalent explicit list share a key.
-    # ``workers`` is in it: each worker's shards and batch stream follow its rank and the count
-    # (pipeline/balanced.py), and DDP sums gradients in a different order, so 1 and 2 workers train different
-    # bytes. That is also why ``--workers`` (the count of byte-invariant model workers) does not apply here.
-    p = key_fields(ctx.cfg.purifier, exclude=("layers",))
-    attacks = ctx.upstream("attacks")
-    return fingerprint({"stage": "purifier", "attacks": attacks.key, **_source_key(ctx),
-                        "weights_sha256": classifier_identity(ctx)["weights_sha256"],
-                        "layers": conditioning_layers(ctx), "purifier": p})
+_OWN = ("fc_repr", "f_joint", "encoder_convs", "layers", "activations_source", "epochs", "warmup_epochs",
+        "plateau_epochs", "anneal_epochs", "initial_lr", "plateau_lr", "final_lr", "beta_start_epoch", "beta_end_epoch",
+        "beta_max", "batch_size", "adv_fraction", "radam_betas", "radam_eps", "lookahead_alpha", "lookahead_k",
+        "workers", "seed", "precision")
+_RECOMPUTE = ("activations.layers", "activations.dtype", "activations.precision")
+# The spec (pipeline/spec.py): every setting of its section, ``workers`` included (each worker's shards and batch
+# stream follow its rank and the count, pipeline/balanced.py, and DDP sums gradients in a different order, so 1
+# and 2 workers train different bytes; which is also why ``--workers``, the count of byte-invariant model workers,
+# does not apply here); the conditioning layers resolved (null and the equivalent explicit list are one spec);
+# the shards and the classifier (inputs); and the cached activations (inputs) or, recomputed on the fly, how the
+# classifier's forward makes them.
+READS = (*(f"purifier.{f}" for f in _OWN), *_RECOMPUTE)
+RESOLVED = {"purifier.layers": "layers", "activations.layers": "layers"}
+
+
+def reads(cfg) -> tuple[str, ...]:
+    return READS if cfg.purifier.activations_source == "recompute" else READS[:-len(_RECOMPUTE)]
+
+
+def inputs(ctx: Context) -> dict:
+    cache = ctx.cfg.purifier.activations_source == "cache"
+    return {"attacks": ctx.upstream("attacks").key, "weights_sha256": classifier_identity(ctx)["weights_sha256"],
+            "layers": conditioning_layers(ctx), **({"activations": ctx.upstream("activations").key} if cache else {})}
 
 
 def latest_checkpoint(out_dir: Path) -> Path | None:
@@ -342,9 +344,7 @@ def _finalize(ctx: Context, out: Output, job: TrainJob, seconds: float) -> None:
     atomic_write_json(out.dir / "purifier.json", job.model.to_json())
     files = [file_record(out.dir, out.dir / n) for n in ("purifier.pt", "purifier.json", "metrics.jsonl")]
     hist = state["history"]
-    out.finalize(config={"purifier": to_dict(ctx.cfg.purifier)},
-                 inputs={"layers": job.layers, "source": job.source} | _source_key(ctx)
-                 | {"attacks": ctx.upstream("attacks").key},
+    out.finalize(inputs={"layers": job.layers, "source": job.source} | inputs(ctx),
                  files=files, counts={"epochs": len(hist), "steps_per_epoch": job.steps,
                                       "parameters": sum(q.numel() for q in job.model.build().parameters())},
                  timings={"total_s": seconds, "epoch_s": [h["seconds"] for h in hist]},

@@ -30,7 +30,7 @@ CONFIG = "configs/fmnist.yaml"
 # other modules reading the toy store come last (LATE_MODULES), so no process waits idle for it.
 HEAVY_MODULES = ["test_scenario_a.py", "test_purifier_stage.py", "test_precompute.py", "test_cluster.py",
                  "test_faults.py", "test_probes.py", "test_classifier_stage.py"]
-LATE_MODULES = ["test_evaluate_stage.py", "test_probe_stage.py", "test_whole_job.py"]
+LATE_MODULES = ["test_evaluate_stage.py", "test_probe_stage.py", "test_key_contract.py", "test_whole_job.py"]
 
 
 def pytest_collection_modifyitems(items):
