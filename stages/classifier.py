@@ -35,10 +35,11 @@ VERSION = 1
 UPSTREAM: tuple[str, ...] = ()
 
 
-_TRAIN = ("epochs", "batch_size", "lr", "momentum", "weight_decay", "eps", "pgd_steps", "pgd_step_size", "seed")
-_TEST = ("eval_pgd_steps", "eval_pgd_step_size", "eval_batch_size")
-# The spec (pipeline/spec.py): the test evaluation always; the training settings only when it trains, the
-# RobustBench name only when it loads one (a `file` checkpoint enters by its sha256: inputs).
+_TRAIN = ("epochs", "batch_size", "lr", "momentum", "weight_decay", "pgd_steps", "pgd_step_size")
+_TEST = ("eps", "eval_pgd_steps", "eval_pgd_step_size", "eval_batch_size", "seed")
+# The spec (pipeline/spec.py): the test evaluation always (its PGD runs at ``classifier.train.eps`` from random
+# starts seeded by ``classifier.train.seed``, whatever the source); the training settings only when it trains,
+# the RobustBench name only when it loads one (a `file` checkpoint enters by its sha256: inputs).
 READS = ("data.dataset", "data.test_subset", "classifier.arch", "classifier.activation", "classifier.source",
          *(f"classifier.train.{f}" for f in _TEST), "data.train_subset", *(f"classifier.train.{f}" for f in _TRAIN),
          "classifier.robustbench_name")

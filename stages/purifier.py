@@ -63,7 +63,10 @@ RESOLVED = {"purifier.layers": "layers", "activations.layers": "layers"}
 
 
 def reads(cfg) -> tuple[str, ...]:
-    return READS if cfg.purifier.activations_source == "recompute" else READS[:-len(_RECOMPUTE)]
+    """Recomputed activations: how the forward makes them, and the hooked layers when ``purifier.layers`` is null."""
+    if cfg.purifier.activations_source != "recompute":
+        return READS[:-len(_RECOMPUTE)]
+    return READS if cfg.purifier.layers is None else tuple(f for f in READS if f != "activations.layers")
 
 
 def inputs(ctx: Context) -> dict:

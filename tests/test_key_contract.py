@@ -21,10 +21,11 @@ from tests.conftest import CLF, CONFIG, REPO, TOY_JOB, cli, cli_args
 # the fields it does not read (the classifier's RobustBench name, the purifier's recomputed activations, a fixed
 # probe eps). Only the stages whose upstream outputs the toy store holds are checked in each.
 MODES = {"toy job": [], "robustbench": ["classifier.source=robustbench", "classifier.robustbench_name=Carmon2019Unlabeled"],
-         "recompute": ["purifier.activations_source=recompute"], "probe eps": ["probes.eps=0.05"]}
+         "recompute": ["purifier.activations_source=recompute"],
+         "recompute, every layer": ["purifier.activations_source=recompute", "purifier.layers=null"], "probe eps": ["probes.eps=0.05"]}
 # A second value for the fields whose type gives none (names that must exist).
 ALTERNATIVES = {"classifier.arch": "wrn-16-1", "classifier.robustbench_name": "Gowal2020Uncovering",
-                "activations.layers": ["conv1", "conv2"], "purifier.layers": ["conv1"], "probes.layers": ["conv1"]}
+                "activations.layers": ["conv2", "conv3"], "purifier.layers": ["conv1"], "probes.layers": ["conv1"]}
 
 
 def _config(toy, extra=()) -> RunConfig:
