@@ -8,6 +8,13 @@ data.py, ``ModelError`` in models/, ``StoreError`` in store.py, ``EvalError`` in
 A full disk is a user error too: ``DiskFull``, raised by ``pipeline.store.atomic_file`` (through which every store
 file is written), and made by ``find_user_error`` from any bare ``OSError`` with ``ENOSPC``, ``EDQUOT`` or
 ``EROFS`` found in a chain (one raised by a library, by Ray, outside ``atomic_file``).
+
+A user error crosses a process boundary one way, as its ``record()`` (class name, one-line message, exit code: plain
+JSON, nothing to unpickle), made into the same UserError again by ``UserError.from_record``: pickling one (a Ray
+task's or actor's exception) goes through it (``__reduce__``), a Ray Data unit worker returns it in its row's
+``error`` column (Ray Data keeps no exception's class), a Ray Train worker writes it to a JSON file for the driver
+(a worker group that fails is restarted by Ray Train, one that returns is not). On the driver it is raised again as
+what it was: a full disk in a Ray Train worker is still a ``DiskFull``.
 """
 from __future__ import annotations
 
@@ -29,10 +36,39 @@ FULL = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota excee
         errno.EROFS: "read-only filesystem"}
 
 
+_CLASSES: dict[str, type] = {}  # UserError and its subclasses by name, for ``UserError.from_record``
+
+
 class UserError(RuntimeError):
     """An error the user can fix; ``str(err)`` is one line naming the file, key or shard."""
 
     exit_code = EXIT_FAILED
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if not cls.__module__.startswith("ray"):  # not the dual classes Ray derives from a task's exception
+            _CLASSES.setdefault(cls.__name__, cls)
+
+    def record(self) -> dict:
+        """What crosses a process boundary (JSON): the class's name, the one line, the exit code."""
+        return {"class": type(self).__name__, "message": one_line(self), "exit_code": int(self.exit_code)}
+
+    @staticmethod
+    def from_record(rec: dict) -> "UserError":
+        """The UserError ``record()`` made: its class where this process knows it (else UserError), message and
+        exit code. Not through the class's ``__init__``, whose arguments (a ConfigError's source and key) the
+        record does not keep."""
+        cls = _CLASSES.get(str(rec.get("class")), UserError)
+        err = cls.__new__(cls)
+        RuntimeError.__init__(err, str(rec["message"]))
+        err.exit_code = int(rec["exit_code"])
+        return err
+
+    def __reduce__(self):
+        return UserError.from_record, (self.record(),)
+
+
+_CLASSES["UserError"] = UserError
 
 
 class DiskFull(UserError):
@@ -115,18 +151,6 @@ def find_user_error(exc: BaseException | None) -> UserError | None:
                 return disk_full(e)
         stack += reversed(_links(e))
     return None
-
-
-def error_kind(err: UserError) -> str:
-    """What survives a trip through a Ray Data column besides the message and the exit code (``rebuild``)."""
-    return "disk_full" if isinstance(err, DiskFull) else ""
-
-
-def rebuild(message: str, exit_code: int, kind: str = "") -> UserError:
-    """The driver-side UserError for one reported by a worker as (message, exit code, ``error_kind``)."""
-    err = (DiskFull if kind == "disk_full" else UserError)(message)
-    err.exit_code = int(exit_code)
-    return err
 
 
 def one_line(err: BaseException) -> str:

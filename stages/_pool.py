@@ -2,11 +2,12 @@
 
 A unit is one output shard. Each actor loads its model once (in ``__init__``), is handed unit descriptions
 one at a time (``batch_size=1``), writes the unit's files plus its receipt into the store, and returns a
-row ``{"unit", "items", "bytes"}``. The driver streams those rows for progress. Units already holding a
+row ``{"unit", "items", "bytes", "error"}``. The driver streams those rows for progress. Units already holding a
 receipt are skipped, which is what makes a killed stage resumable.
 """
 from __future__ import annotations
 
+import json
 import time
 import warnings
 
@@ -14,7 +15,7 @@ import numpy as np
 
 from pipeline.cluster import cluster_gpus, device_for, worker_resources
 from pipeline.context import Context
-from pipeline.errors import error_kind, find_user_error, one_line, rebuild
+from pipeline.errors import UserError, find_user_error
 from pipeline.log import Progress, human_bytes
 from pipeline.store import Output
 
@@ -22,29 +23,27 @@ from pipeline.store import Output
 class UnitWorker:
     """Base of the stages' Ray Data actors: ``do_unit(unit_dict) -> receipt`` is called once per unit.
 
-    User-facing errors (a corrupt shard, bad data, a full disk) come back as ``error``, ``code`` and ``kind``
-    columns (``pipeline.errors.error_kind``) rather than an exception, because Ray Data does not carry the
-    original exception type back to the driver.
+    A user error (a corrupt shard, bad data, a full disk) comes back as its record (``UserError.record``, JSON) in
+    the row's ``error`` column, which the driver raises again as the same error: Ray Data does not carry an
+    exception's class back to the driver, and its own report of a failed UDF is a long traceback.
     """
 
     def __call__(self, batch: dict) -> dict:
-        rows = {"unit": [], "items": [], "bytes": [], "error": [], "code": [], "kind": []}
+        rows = {"unit": [], "items": [], "bytes": [], "error": []}
         for i in range(len(batch["unit"])):
             unit = {k: (v[i].item() if hasattr(v[i], "item") else v[i]) for k, v in batch.items()}
             try:
                 rec = self.do_unit(unit)
-                error, code, kind, written = "", 0, "", sum(f["bytes"] for f in rec["files"])
+                error, written = "", sum(f["bytes"] for f in rec["files"])
             except Exception as exc:  # noqa: BLE001
                 err = find_user_error(exc)  # also a bare OSError of a full disk (zarr's own atomic writes)
                 if err is None:
                     raise
-                error, code, kind, written = one_line(err), err.exit_code, error_kind(err), 0
+                error, written = json.dumps(err.record()), 0
             rows["unit"].append(str(unit["unit"]))
             rows["items"].append(0 if error else int(unit["items"]))
             rows["bytes"].append(written)
             rows["error"].append(error)
-            rows["code"].append(code)
-            rows["kind"].append(kind)
         return {k: np.array(v) for k, v in rows.items()}
 
     def do_unit(self, unit: dict) -> dict:  # pragma: no cover - abstract
@@ -83,7 +82,7 @@ def run_units(ctx: Context, out: Output, *, stage: str, worker_cls, worker_kwarg
                                 max_restarts=0)
         for row in ds.iter_rows():
             if row["error"]:
-                raise rebuild(str(row["error"]), int(row["code"]), str(row["kind"]))
+                raise UserError.from_record(json.loads(str(row["error"])))
             written += int(row["bytes"])
             progress.update(int(row["items"]))
     seconds = time.perf_counter() - t0

@@ -22,7 +22,7 @@ from pipeline.balanced import BalancedBatches, steps_per_epoch, worker_kinds
 from pipeline.cluster import cluster_gpus, cpus_per_node, prepare_worker
 from pipeline.context import Context, classifier_identity, conditioning_layers
 from pipeline.data import info
-from pipeline.errors import UserError, find_user_error, one_line
+from pipeline.errors import UserError, find_user_error
 from pipeline.log import Follow
 from pipeline.models import classifier_payload
 from pipeline.models.purifier import PurifierSpec
@@ -110,7 +110,7 @@ def train_loop(config: dict) -> None:
     job: TrainJob = config["job"]
     recorded = Path(job.out_dir) / WORKER_ERROR
     if recorded.is_file():
-        raise UserError(json.loads(recorded.read_text())["message"])
+        raise UserError.from_record(json.loads(recorded.read_text()))
     try:
         _train(job)
     except Exception as exc:
@@ -121,7 +121,7 @@ def train_loop(config: dict) -> None:
 
 
 def _record_worker_error(out_dir: Path, err: UserError) -> None:
-    atomic_write_bytes(out_dir / WORKER_ERROR, json.dumps({"message": one_line(err), "exit_code": err.exit_code}).encode())
+    atomic_write_bytes(out_dir / WORKER_ERROR, json.dumps(err.record()).encode())
 
 
 class _AgreedBatches:
@@ -164,9 +164,7 @@ def _raise_worker_error(out_dir: Path) -> None:
     if path.is_file():
         rec = json.loads(path.read_text())
         path.unlink(missing_ok=True)
-        err = UserError(rec["message"])
-        err.exit_code = int(rec["exit_code"])
-        raise err
+        raise UserError.from_record(rec)
 
 
 def _train(job: TrainJob) -> None:

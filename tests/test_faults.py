@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.errors import DiskFull, find_user_error, rebuild
+from pipeline.errors import DiskFull, UserError, find_user_error
 from pipeline.store import TEMP_MARK, atomic_file, atomic_write_bytes, sha256_file
 from tests.conftest import CLF, REPO, cli, cli_args
 
@@ -124,11 +124,37 @@ def test_a_full_disk_is_found_through_every_ray_wrapper():
         assert isinstance(err, DiskFull), chain
         assert str(err).startswith(("/s/fmnist/attacks/k/shard-000001.tar: no space left on device", "/s/x:")), err
     assert find_user_error(OSError(errno.EACCES, "Permission denied", "/s/x")) is None  # not a full disk: a bug
-    # what crosses a process boundary: the error pickled, or (Ray Data) message, exit code and kind
-    back = pickle.loads(pickle.dumps(find_user_error(task)))
-    assert isinstance(back, DiskFull) and str(back) == str(find_user_error(task))
-    again = rebuild(str(back), 1, "disk_full")
-    assert isinstance(again, DiskFull) and again.exit_code == 1
+
+
+def test_a_user_error_crosses_a_process_boundary_one_way_as_what_it_was():
+    """Pickled (a Ray task's exception) or as JSON (a Ray Data row, a Ray Train worker's file), a user error comes
+    back as its record made again: its own class, one line, its exit code; a class this process does not know
+    comes back as a UserError, never as anything unpickled."""
+    from pipeline.config import ConfigError
+    from pipeline.errors import NotEnoughSpace
+    from pipeline.store import StoreError
+
+    errors = [DiskFull("/s/x: no space left on device (1.0 MB free there)"), StoreError("/s/shard-000001.tar: "
+              "content altered"), ConfigError("a.yaml", "attack.eps", "must be > 0"), NotEnoughSpace("--store /s")]
+    for err in errors:
+        rec = err.record()
+        for back in (pickle.loads(pickle.dumps(err)), UserError.from_record(json.loads(json.dumps(rec)))):
+            assert type(back) is type(err) and str(back) == str(err) and back.exit_code == err.exit_code
+    assert [e.exit_code for e in errors] == [1, 1, 2, 2]
+    stranger = UserError.from_record({"class": "os.system", "message": "m", "exit_code": 1})
+    assert type(stranger) is UserError and str(stranger) == "m"
+
+
+def test_a_full_disk_in_a_ray_train_worker_reaches_the_driver_as_a_full_disk(tmp_path):
+    """The purifier's workers write a user error to a JSON file for the driver (stages/purifier.py): a full disk
+    there is raised again as DiskFull, so the console adds what the stage still needs, as for every other stage."""
+    from stages.purifier import WORKER_ERROR, _raise_worker_error, _record_worker_error
+
+    _record_worker_error(tmp_path, DiskFull("/s/fmnist/purifier/k/checkpoints/epoch-0002.pt: no space left on device"))
+    assert json.loads((tmp_path / WORKER_ERROR).read_text())["class"] == "DiskFull"
+    with pytest.raises(DiskFull, match=r"^/s/fmnist/purifier/k/checkpoints/epoch-0002.pt: no space left on device$"):
+        _raise_worker_error(tmp_path)
+    assert not (tmp_path / WORKER_ERROR).exists()
 
 
 def test_a_unit_worker_reports_a_full_disk_as_a_row_the_driver_raises_again():
@@ -139,9 +165,10 @@ def test_a_unit_worker_reports_a_full_disk_as_a_row_the_driver_raises_again():
             raise _enospc(f"/s/fmnist/activations/k/acts.zarr/conv1/c/3/0/0/0.{'ab' * 16}.partial")
 
     row = Full()({"unit": np.array(["shard-000003"]), "items": np.array([8])})
+    err = UserError.from_record(json.loads(row["error"][0]))
     # named by the chunk zarr was writing, not by its temporary
-    assert row["error"][0].startswith("/s/fmnist/activations/k/acts.zarr/conv1/c/3/0/0/0: no space left on device")
-    assert row["code"][0] == 1 and row["kind"][0] == "disk_full" and row["items"][0] == 0
+    assert str(err).startswith("/s/fmnist/activations/k/acts.zarr/conv1/c/3/0/0/0: no space left on device")
+    assert type(err) is DiskFull and err.exit_code == 1 and row["items"][0] == 0
 
 
 # ---- through the CLI ------------------------------------------------------------------------------------------

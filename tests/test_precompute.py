@@ -1,7 +1,6 @@
 """The precomputed adversarial datasets: attack shards (WebDataset) and hooked activations (Zarr), on a real
 local Ray instance and a real store."""
 import json
-import re
 import shutil
 import tarfile
 
@@ -17,7 +16,7 @@ from pipeline.shards import read_shard
 from pipeline.store import StoreError
 from pipeline.zarr_store import ActivationReader
 from tests import conftest
-from tests.conftest import REPO, cli, cli_args, kill_group, make_fmnist, start_cli, wait_for
+from tests.conftest import REPO, cli, cli_args, make_fmnist
 
 TINY = ["attack.n_examples=null", "classifier.train.epochs=1", "classifier.train.batch_size=32", "attack.shard_size=16", "attack.batch_size=8",
         "attack.pgd_steps=5", "activations.chunk_rows=16", "activations.batch_size=32"]
@@ -50,6 +49,22 @@ def built(tmp_path_factory, data_dir, ray_local):
     ctx, logs = make_ctx(store, data_dir)
     outs = runner.run(ctx, "classifier") + runner.run(ctx, "attacks") + runner.run(ctx, "activations")
     return {"store": store, "ctx": ctx, "outs": dict(zip(["classifier", "attacks", "activations"], outs))}
+
+
+def test_a_user_error_raised_in_a_ray_task_reaches_the_driver_as_itself(ray_local):
+    """Through a real Ray task (tests/test_faults.py has the other ways across)."""
+    import ray
+
+    from pipeline.errors import DiskFull, find_user_error
+
+    @ray.remote
+    def fails():
+        raise DiskFull("/s/fmnist/attacks/k/shard-000001.tar: no space left on device (0 B free there)")
+
+    with pytest.raises(Exception) as e:
+        ray.get(fails.remote())
+    err = find_user_error(e.value)
+    assert type(err) is DiskFull and str(err).endswith("(0 B free there)") and err.exit_code == 1
 
 
 def _shards(out):
@@ -176,33 +191,31 @@ def _args(store, data_dir, *extra):
     return cli_args(store, data_dir, *extra, sets=TINY)
 
 
-@pytest.mark.slow
-def test_killed_stage_resumes_to_identical_output(built, data_dir, tmp_path):
-    extra = ("attack.shard_size=4", "attack.pgd_steps=20", "activations.chunk_rows=20")  # 12 units, ~1 s each
-    ref, store = tmp_path / "uninterrupted", tmp_path / "killed"
-    for root in (ref, store):  # the module's classifier: these settings change only the attacks' key
-        shutil.copytree(built["store"] / "fmnist" / "classifier", root / "fmnist" / "classifier")
-    ctx, _ = make_ctx(ref, data_dir, *extra)  # the reference on this module's Ray; the killed run is the CLI's own
-    ref_dir = runner.run(ctx, "attacks", only=True)[0].dir
-    with open(tmp_path / "killed.txt", "w") as err:
-        proc = start_cli("run", "--stage", "attacks", *_args(store, data_dir, *extra), stderr=err)
-        found = wait_for(store, "fmnist/attacks/*/_units/*.json", proc)
-        kill_group(proc)
-    assert found, "the stage ended before it finished a unit: " + (tmp_path / "killed.txt").read_text()[-3000:]
-    units = found[0].parent
-    out_dir = units.parent
-    done_before = len(list(units.glob("*.json")))
-    assert not (out_dir / "manifest.json").exists() and done_before < 12
-    r = cli("run", "--stage", "attacks", *_args(store, data_dir, *extra))
-    assert r.returncode == 0, r.stderr
-    # Workers of the killed run may finish a unit while they are being torn down, so count at resume time.
-    m = re.search(r"resuming .*: (\d+) unit\(s\) already finished", r.stderr)
-    assert m and int(m.group(1)) >= done_before and f"{12 - int(m.group(1))} unit(s) to do" in r.stderr
-    assert ref_dir.name == out_dir.name
-    assert [p.read_bytes() for p in sorted(ref_dir.glob("*.tar"))] == [p.read_bytes() for p in sorted(out_dir.glob("*.tar"))]
-    assert json.loads((ref_dir / "manifest.json").read_text())["files"] == \
-        json.loads((out_dir / "manifest.json").read_text())["files"]
-    assert not list(out_dir.glob(".*tmp*"))
+def test_an_interrupted_stage_resumes_to_identical_output(built, data_dir, tmp_path):
+    """What a killed attacks run leaves (the kill itself, SIGTERM to the driver and to its process group, is
+    tests/test_faults.py's, through the same receipts): finished units with their receipts, a shard written whose
+    receipt was not (killed between the two writes), a half-written temporary, no manifest. The same stage
+    resumes: it keeps the units with receipts, redoes the others, removes the temporary, and its shards and
+    manifest files equal the uninterrupted run's byte for byte."""
+    ref = built["outs"]["attacks"]
+    store = tmp_path / "store"
+    shutil.copytree(built["store"], store, ignore=shutil.ignore_patterns("activations"))
+    ctx, logs = make_ctx(store, data_dir)
+    out = ctx.output("attacks")
+    shards = _shards(out)
+    assert len(shards) == 3
+    out.manifest_path.unlink()
+    (out.dir / "_units" / f"{shards[1].stem}.json").unlink()  # shard 1 written, its receipt not
+    shards[2].unlink()
+    (out.dir / "_units" / f"{shards[2].stem}.json").unlink()
+    half = out.dir / f".{shards[2].name}.tmp-4242-0123abcd"  # shard 2 half-written by a writer that died
+    half.write_bytes(shards[0].read_bytes()[:5000])
+    runner.run(ctx, "attacks", only=True)
+    assert f"[attacks] resuming {out.dir}: 1 unit(s) already finished" in logs
+    assert any(line.startswith("[attacks] 2 unit(s) to do") for line in logs), logs
+    assert not half.exists() and not list(out.dir.glob(".*tmp*"))
+    assert [p.read_bytes() for p in _shards(out)] == [p.read_bytes() for p in _shards(ref)]
+    assert out.manifest()["files"] == ref.manifest()["files"]
 
 
 @pytest.mark.slow
