@@ -147,13 +147,21 @@ def device_for(resources: dict) -> str:
     return "cuda" if resources.get("num_gpus") else "cpu"
 
 
-def save_logs(dest_root) -> str | None:
-    """Copy this Ray session's log files (this node's) into ``dest_root/<session>/``; return that path."""
+def session_dir() -> Path | None:
+    """This Ray session's folder on this node (None where Ray does not say: a private API)."""
     import ray
 
     try:
-        session = Path(ray._private.worker._global_node.get_session_dir_path())
-    except Exception:  # noqa: BLE001 - a private API; without it the logs stay where Ray put them
+        return Path(ray._private.worker._global_node.get_session_dir_path())
+    except Exception:  # noqa: BLE001 - without it the logs stay where Ray put them
+        return None
+
+
+def save_logs(dest_root, session: Path | None = None) -> str | None:
+    """Copy a Ray session's log files (this node's; by default the connected session's) into
+    ``dest_root/<session>/``; return that path."""
+    session = session or session_dir()
+    if session is None or not (session / "logs").is_dir():
         return None
     dest = Path(dest_root) / session.name
     shutil.copytree(session / "logs", dest, dirs_exist_ok=True, ignore_dangling_symlinks=True,

@@ -15,7 +15,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Callable, Mapping
 
-from .cluster import connect, save_logs, stop_local
+from .cluster import connect, save_logs, session_dir, stop_local
 from .config import RunConfig
 from .errors import UserError
 from .log import echo
@@ -63,10 +63,12 @@ class Context:
         tasks end with the driver; an instance a caller connected is theirs)."""
         if not self._started_local_ray:
             return False
-        if logs_to is not None:
-            self.saved_logs = save_logs(logs_to)
-        stop_local()
+        session = session_dir()
+        stop_local()  # first: on SIGTERM to the whole process group the raylet is stopping too, and the driver's
+        #               Ray connection must be closed before the raylet's exit ends it (and the process, exit 1)
         self.ray_ready = self._started_local_ray = False
+        if logs_to is not None and session is not None:
+            self.saved_logs = save_logs(logs_to, session)  # Ray leaves its session folder after shutdown
         return True
 
     def spec(self, stage: str) -> Spec:

@@ -1,6 +1,7 @@
 """The cluster path docs/cluster.md documents, for real: a Ray head started with `ray start --head` (free ports, its
 own temp dir), the README's `ray job submit ... --working-dir . -- pipeline run ... --ray-address auto` for a
-small attacks run, and the store checked afterwards. The head is stopped whatever happens."""
+small attacks run, and the store checked afterwards; before it, a driver joined with `--ray-address` is sent SIGTERM
+mid-stage (exit 143, its actors gone, the cluster up). The head is stopped whatever happens."""
 import json
 import os
 import shutil
@@ -39,6 +40,49 @@ def _dashboard_up(port: int) -> bool:
         return False
 
 
+def _alive_actors(dash: int, env: dict) -> list[str]:
+    """The class names of the cluster's live actors that run a stage's units (Ray Data's map workers; Ray Data's
+    own detached bookkeeping actors outlive every job by design)."""
+    r = subprocess.run([str(BIN / "ray"), "list", "actors", "--address", f"http://127.0.0.1:{dash}", "--filter",
+                        "state=ALIVE", "--format", "json"], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    names = [a.get("class_name", "?") for a in json.loads(r.stdout or "[]")]
+    return [n for n in names if "MapWorker" in n or "MapBatches" in n]
+
+
+def _sigterm_a_driver_on_the_cluster(tmp_path: Path, data: Path, shared: Path, address: str, dash: int, env: dict):
+    """SIGTERM to a driver joined to the cluster (`--ray-address`), in the middle of the attacks: one line, exit
+    143, its actors gone within seconds, the head still up (the job submitted next runs on it)."""
+    store = tmp_path / "terminated"
+    shutil.copytree(shared, store)
+    slow = [*CLF, "attack.shard_size=4", "attack.batch_size=4", "attack.pgd_steps=40", "activations.chunk_rows=20"]
+    sets = [a for s in [f"data.data_dir={data}", *slow] for a in ("--set", s)]
+    with open(tmp_path / "terminated.txt", "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "--config", "configs/fmnist.yaml",
+                                 "--stage", "attacks", "--ray-address", address, "--store", str(store), *sets],
+                                cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+    try:
+        while proc.poll() is None and not list(store.glob("fmnist/attacks/*/_units/*.json")):
+            time.sleep(0.05)  # an event: the first finished unit
+        assert proc.poll() is None, (tmp_path / "terminated.txt").read_text()[-3000:]
+        assert _alive_actors(dash, env), "the driver's actors should be running on the cluster"
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    stderr = (tmp_path / "terminated.txt").read_text()
+    lines = [line for line in stderr.strip().splitlines() if not line.startswith("[")]
+    assert code == 143 and len(lines) == 1 and lines[0].startswith("error: terminated (SIGTERM); attacks: "), stderr
+    assert "run the same command again to resume" in lines[0] and "Traceback" not in stderr
+    deadline = time.monotonic() + 10  # "a few seconds later"
+    while (alive := _alive_actors(dash, env)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not alive, alive  # its tasks and actors cancelled
+    assert _dashboard_up(dash)  # the cluster stays
+
+
 @pytest.mark.slow
 def test_ray_job_submit_runs_the_readme_command_on_a_started_head(tmp_path, trained_classifier):
     data, shared = trained_classifier
@@ -49,10 +93,10 @@ def test_ray_job_submit_runs_the_readme_command_on_a_started_head(tmp_path, trai
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_AUTH_MODE": "disabled"}  # a private head on loopback: no token banner, no token to pass
     env.pop("RAY_ADDRESS", None)
-    dash = free_port()
+    dash, gcs = free_port(), free_port()
     head_log = open(tmp_path / "head.log", "w")
     head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", f"--port={free_port()}", "--dashboard-host=127.0.0.1",
+        [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", "--dashboard-host=127.0.0.1",
          f"--dashboard-port={dash}", "--include-dashboard=true", f"--ray-client-server-port={free_port()}",
          f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
          f"--metrics-export-port={free_port()}", "--num-cpus=2", f"--temp-dir={ray_tmp}", "--disable-usage-stats"],
@@ -61,6 +105,7 @@ def test_ray_job_submit_runs_the_readme_command_on_a_started_head(tmp_path, trai
         while head.poll() is None and not _dashboard_up(dash):  # an event: the job server answers
             time.sleep(0.5)
         assert head.poll() is None, (tmp_path / "head.log").read_text()[-3000:]
+        _sigterm_a_driver_on_the_cluster(tmp_path, data, shared, f"127.0.0.1:{gcs}", dash, env)
         sets = [a for s in [f"data.data_dir={data}", *SETS] for a in ("--set", s)]
         r = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash}",
                             "--working-dir", ".", "--", "pipeline", "run", "--config", "configs/fmnist.yaml",
