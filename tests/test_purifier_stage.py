@@ -118,22 +118,37 @@ def test_cache_and_recompute_condition_identically(store, data_dir):
     assert all(x.dtype == torch.float16 and torch.equal(x, y) for x, y in zip(a, b))
 
 
-@pytest.mark.slow
 def test_layer_subset_trains_from_only_its_arrays(store, data_dir, tmp_path):
+    """``purifier.layers=[conv2]``: the model is conditioned on conv2 alone, and a whole epoch of every worker's
+    batches (the purifier's own loader, as its Ray Train workers run it) reads conv2's chunks and no other layer's
+    (the other layers' chunks are corrupted: a read would fail its sha256 check)."""
+    from pipeline.balanced import BalancedBatches, ShardLoader, steps_per_epoch
+    from stages.purifier import conditioning_layers, model_spec
+
     copy = tmp_path / "store"
     shutil.copytree(store, copy)
-    ctx = make_ctx(copy, data_dir, "purifier.layers=[conv2]", "purifier.epochs=1", "purifier.plateau_epochs=1",
-                   "purifier.anneal_epochs=0", "purifier.beta_start_epoch=0", "purifier.beta_end_epoch=0")
+    ctx = make_ctx(copy, data_dir, "purifier.layers=[conv2]")
     acts_dir = ctx.upstream("activations").dir
-    for name in ("conv1", "conv3"):  # same sizes, other bytes: any read of these would fail its sha256 check
+    for name in ("conv1", "conv3"):  # same sizes, other bytes
         for chunk in (acts_dir / "acts.zarr" / name / "c").rglob("*"):
             if chunk.is_file():
                 blob = bytearray(chunk.read_bytes())
                 blob[len(blob) // 2] ^= 0xFF
                 chunk.write_bytes(bytes(blob))
-    out = runner.run(ctx, "purifier")[0]
-    assert out.manifest()["model"]["layers"] == ["conv2"]
-    assert list(out.manifest()["model"]["layer_shapes"]) == ["conv2"]
+    layers = conditioning_layers(ctx)
+    assert layers == ["conv2"] and [k for k, _ in model_spec(ctx, layers).layer_shapes] == ["conv2"]
+    attacks, p = ctx.upstream("attacks"), ctx.cfg.purifier
+    examples = [u["stop"] - u["start"] for u in attacks.manifest()["units"]]
+    steps = steps_per_epoch(examples, p.batch_size, p.workers)
+    seen = 0
+    for rank in range(p.workers):
+        loader = ShardLoader(attacks_dir=str(attacks.dir), layers=layers, activations_dir=str(acts_dir))
+        bb = BalancedBatches(loader, len(examples), batch_size=p.batch_size, adv_fraction=p.adv_fraction,
+                             workers=p.workers, rank=rank, steps=steps, buffer_examples=64, seed=0)
+        for batch in bb.epoch(0):
+            assert list(batch.acts) == ["conv2"]
+            seen += len(batch.inputs)
+    assert seen == steps * p.batch_size > 0
 
 
 def _start(store, data_dir, extra):
