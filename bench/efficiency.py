@@ -20,6 +20,7 @@ a bfloat16 one where the CPU (AVX512-BF16 or AMX) or the GPU supports it; on CUD
 runs float32 convolutions in TF32 by default (so a convolution-heavy unit can pass the float32 "peak"). Each is
 measured before and after the units and the faster of the two is the peak (the gap shows other load or drift).
 
+The units are the library's (``pipeline.calibrate.build_units``, which ``pipeline plan --calibrate`` times too).
 Each unit and product runs once to warm up, then repeatedly until ``--seconds`` have passed (at least 3 times, at
 most 50); its time is the median. ``--quick`` times one call without a warm-up (a check that the path runs, not a
 measurement). FLOPs are ``pipeline.flops.per_example`` times the unit's examples: convolutions and matrix products
@@ -39,56 +40,16 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import time
 
 import torch
 
-from pipeline.attacks import input_gradient, pgd
+from pipeline.calibrate import build_units, measure
 from pipeline.cluster import prepare_worker
 from pipeline.config import load_config
-from pipeline.data import info
-from pipeline.defense import Carso
-from pipeline.flops import _count, per_example
-from pipeline.models import build_classifier
-from pipeline.models.hooks import forward_with_activations
-from pipeline.models.purifier import PurifierSpec
-from pipeline.precision import autocast, wrap
-from pipeline.purifier_train import build_optimizer, train_step
-from pipeline.sizing import layer_shapes
+from pipeline.flops import _count
 
-UNITS = ("attack", "purifier", "carso", "activations")
-MIN_REPS, MAX_REPS = 3, 50
-
-
-# --------------------------------------------------------------------------------------------------
-# Timing
-# --------------------------------------------------------------------------------------------------
-def synchronize(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_unit(fn, device: str, seconds: float, quick: bool) -> list[float]:
-    """Seconds of each timed call of ``fn`` after one warm-up call (``quick``: one call, no warm-up)."""
-    if not quick:
-        fn()
-        synchronize(device)
-    times: list[float] = []
-    while True:
-        t0 = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - t0)
-        if quick or len(times) >= MAX_REPS or (len(times) >= MIN_REPS and sum(times) >= seconds):
-            return times
-
-
-def measure(fn, flops: int, device: str, seconds: float, quick: bool) -> dict:
-    times = time_unit(fn, device, seconds, quick)
-    median = statistics.median(times)
-    return {"seconds": median, "seconds_all": times, "repetitions": len(times), "flops": flops,
-            "flop_per_s": flops / median}
+UNITS = ("attack", "purifier", "carso", "activations")  # of pipeline.calibrate.build_units
 
 
 # --------------------------------------------------------------------------------------------------
@@ -170,124 +131,11 @@ def parse_batches(text: str | None) -> dict[str, int]:
     return out
 
 
-def default_batches(cfg) -> dict[str, int]:
-    return {"attack": cfg.attack.batch_size, "purifier": max(1, cfg.purifier.batch_size // cfg.purifier.workers),
-            "carso": cfg.eval.chunk_size, "activations": cfg.activations.batch_size}
-
-
-def random_batch(n: int, meta, device: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.rand(n, meta.channels, meta.size, meta.size, generator=gen)
-    y = torch.randint(0, meta.num_classes, (n,), generator=gen)
-    return x.to(device), y.to(device)
-
-
-def fit_and_measure(setup, n: int, device: str, seconds: float, quick: bool) -> dict:
-    """Measure ``setup(n)`` (which returns the unit's callable and its FLOPs); on a CUDA out-of-memory error, halve
-    the batch and try again, recording every batch that did not fit."""
-    too_big = []
-    while True:
-        try:
-            fn, flops = setup(n)
-            return {"batch": n, **({"out_of_memory_at": too_big} if too_big else {}),
-                    **measure(fn, flops, device, seconds, quick)}
-        except torch.OutOfMemoryError:
-            pass
-        fn = None  # outside the handler, so the failed attempt's tensors are free before the next one
-        too_big.append(n)
-        torch.cuda.empty_cache()
-        if n == 1:
-            return {"batch": None, "out_of_memory_at": too_big, "error": "out of memory at every batch size"}
-        n //= 2
-
-
 def run_units(cfg, device: str, batches: dict[str, int], seconds: float, quick: bool) -> tuple[dict, dict]:
-    meta = info(cfg.data.dataset)
-    per = per_example(cfg)
-    torch.manual_seed(0)
-    clf = build_classifier(cfg.classifier.arch, cfg.data.dataset, cfg.classifier.activation).eval().to(device)
-    cached = list(cfg.activations.layers or clf.default_layers())
-    layers = list(cfg.purifier.layers or cached)
-    shapes = layer_shapes(cfg.classifier.arch, cfg.data.dataset, cfg.classifier.activation, layers)
-    p, a, ev = cfg.purifier, cfg.attack, cfg.eval
-    spec = PurifierSpec(image_shape=(meta.channels, meta.size, meta.size),
-                        layer_shapes=tuple((k, tuple(shapes[k])) for k in layers), fc_repr=p.fc_repr,
-                        f_joint=p.f_joint, encoder_convs=p.encoder_convs, mean=tuple(meta.mean), std=tuple(meta.std))
-    pur = spec.build().to(device)
-    models = {"classifier": {"arch": cfg.classifier.arch, "activation": cfg.classifier.activation,
-                             "parameters": sum(q.numel() for q in clf.parameters())},
-              "purifier": {"conditioning_layers": len(layers), "fc_repr": p.fc_repr, "f_joint": p.f_joint,
-                           "parameters": sum(q.numel() for q in pur.parameters())},
-              "cached_layers": len(cached)}
-    act_dtype = getattr(torch, cfg.activations.dtype)
-    recompute = p.activations_source == "recompute"
-
-    def hooked_forward(inputs, names):  # as the activations stage and pipeline.purifier_train.conditioning
-        with torch.no_grad(), autocast(cfg.activations.precision, device):
-            _, acts = forward_with_activations(clf, inputs, names)
-        return acts
-
-    # (a) attacks: one PGD step (forward + backward to the input, signed step, projection) at attack.batch_size.
-    attacked = wrap(clf, a.precision, device)
-
-    def attack(n):
-        x, y = random_batch(n, meta, device, 1)
-        return (lambda: pgd(attacked, x, y, eps=a.eps, steps=1, step_size=a.pgd_step_size, random_start=False),
-                n * per["classifier_input_grad"])
-
-    # (d) activations: the hooked forward without gradients at activations.batch_size.
-    def activations(n):
-        x, _ = random_batch(n, meta, device, 2)
-        return lambda: hooked_forward(x, cached), n * per["classifier_forward"]
-
-    # (b) purifier: one training step (forward, VAE loss, backward, RAdam + Lookahead) on one worker's batch.
-    opt = build_optimizer(pur, p)
-
-    def purifier(n):
-        x, _ = random_batch(n, meta, device, 3)
-        target, _ = random_batch(n, meta, device, 4)
-
-        def conditioning():
-            return [t.to(act_dtype) for t in hooked_forward(x, layers)]
-
-        cond = None if recompute else conditioning()
-        pur.train()
-
-        def step():
-            train_step(pur, opt, x, target, conditioning() if recompute else cond, p.beta_max, p.precision)
-
-        return step, n * (per["purifier_train_step"] + (per["classifier_forward"] if recompute else 0))
-
-    # (c) carso: one input gradient over a chunk x eval.samples reconstructions.
-    def carso(n):
-        x, y = random_batch(n, meta, device, 5)
-        # Built here, after the other units: Carso freezes the classifier's and the purifier's parameters and puts
-        # both in eval mode, as the evaluation has them.
-        model = Carso(clf, pur, layers, samples=ev.samples, aggregation=ev.aggregation, precision=ev.precision)
-        return lambda: input_gradient(model, x, y), n * per["carso_input_grad"]
-
-    plan = [
-        ("attack", attack, a.precision, "classifier_input_grad",
-         "one PGD step of the attacks stage: classifier forward + backward to the input, signed step, projection"),
-        ("activations", activations, cfg.activations.precision, "classifier_forward",
-         f"the activations stage's forward: the classifier with hooks on {len(cached)} layers, no gradients"),
-        ("purifier", purifier, p.precision,
-         "purifier_train_step" + (" + classifier_forward" if recompute else ""),
-         f"one purifier training step on one worker's batch (activations: {p.activations_source}): forward, "
-         "VAE loss, backward, RAdam + Lookahead step"),
-        ("carso", carso, ev.precision, "carso_input_grad",
-         f"one CARSO input gradient over a chunk of points x {ev.samples} samples ({ev.aggregation} aggregation): "
-         "classifier, purifier decoder, classifier on every reconstruction, backward to the input"),
-    ]
-    units: dict[str, dict] = {}
-    for name, setup, precision, per_key, what in plan:
-        rec = fit_and_measure(setup, batches[name], device, seconds, quick)
-        if rec["batch"] != batches[name]:
-            rec["batch_requested"] = batches[name]
-        keys = " + ".join(f"['{k}']" for k in per_key.split(" + "))
-        units[name] = {"what": what, "precision": precision,
-                       "flops_counted_by": f"pipeline.flops.per_example{keys} x batch", **rec}
-    return units, models
+    """The four units (pipeline.calibrate, which the plan's --calibrate times too), each at its stage's batch
+    unless ``batches`` names another."""
+    units, models = build_units(cfg, device)
+    return {name: units[name].measure(device, seconds, quick, batches.get(name)) for name in UNITS}, models
 
 
 # --------------------------------------------------------------------------------------------------
@@ -326,7 +174,7 @@ def main() -> None:
         raise SystemExit("--device cuda: torch.cuda.is_available() is False")
     prepare_worker(args.threads)  # threads and malloc thresholds, as every stage worker sets them
     cfg = load_config(args.config, args.overrides)
-    batches = default_batches(cfg) | parse_batches(args.batch)
+    batches = parse_batches(args.batch)
     gemm_n = args.gemm_n or (8192 if args.device == "cuda" else 2048)
 
     host = machine(args.device, torch.get_num_threads())

@@ -18,12 +18,31 @@ from .attacks import pgd
 from .data import to_float
 
 
+def build_sgd(model: nn.Module, *, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=True)
+
+
+def adversarial_step(model: nn.Module, opt: torch.optim.Optimizer, xb: torch.Tensor, yb: torch.Tensor, *, eps: float,
+                     pgd_steps: int, pgd_step_size: float, generator: torch.Generator | None = None):
+    """One step of adversarial training: the batch's PGD examples (model in eval mode), then an SGD step on them
+    (train mode). Returns (loss, logits). ``pipeline.calibrate`` times this same function."""
+    model.eval()
+    xa = pgd(model, xb, yb, eps=eps, steps=pgd_steps, step_size=pgd_step_size, generator=generator)
+    model.train()
+    logits = model(xa)
+    loss = F.cross_entropy(logits, yb)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss, logits
+
+
 def adversarial_train(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, *, epochs: int, batch_size: int,
                       lr: float, momentum: float, weight_decay: float, eps: float, pgd_steps: int,
                       pgd_step_size: float, seed: int, device: str = "cpu",
                       log: Callable[[str], None] = print) -> list[dict]:
     model.to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=True)
+    opt = build_sgd(model, lr=lr, momentum=momentum, weight_decay=weight_decay)
     steps_per_epoch = math.ceil(len(x_u8) / batch_size)
     total = epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
@@ -35,14 +54,8 @@ def adversarial_train(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, *, 
         for step in range(steps_per_epoch):
             idx = order[step * batch_size:(step + 1) * batch_size]
             xb, yb = to_float(x_u8[idx]).to(device), y[idx].to(device)
-            model.eval()
-            xa = pgd(model, xb, yb, eps=eps, steps=pgd_steps, step_size=pgd_step_size, generator=gen)
-            model.train()
-            logits = model(xa)
-            loss = F.cross_entropy(logits, yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            loss, logits = adversarial_step(model, opt, xb, yb, eps=eps, pgd_steps=pgd_steps,
+                                            pgd_step_size=pgd_step_size, generator=gen)
             sched.step()
             seen += len(idx)
             loss_sum += loss.item() * len(idx)

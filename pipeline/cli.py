@@ -229,15 +229,22 @@ def sweep(config, grid_items, grid_file, stage, overrides, store, ray_address, w
 @config_option
 @set_option
 @store_option
-@click.option("--tflops", type=click.FloatRange(min=0, min_open=True), default=20.0, show_default=True,
-              help="Sustained TFLOP/s of one device, for the projected hours (20: a rough figure for one A100 on "
-                   "these convnets in TF32; about 0.07 on this project's 2-core CI machine).")
-@click.option("--devices", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Devices working at once, for the projected hours.")
-def plan(config, overrides, store, tflops, devices):
+@click.option("--tflops", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Sustained TFLOP/s of one device, for the projected hours (default 20: a rough figure for one A100 "
+                   "on these convnets in TF32; about 0.07 on this project's 2-core CI machine). Not with --calibrate.")
+@click.option("--devices", type=click.IntRange(min=1), default=None,
+              help="Devices working at once, for the projected hours (default 1). Not with --calibrate.")
+@click.option("--calibrate", is_flag=True, default=False,
+              help="Time each stage's unit of work on this machine (CUDA when present, else the CPU at the threads a "
+                   "stage worker gets) and project every stage's hours from those measured rates instead of "
+                   "--tflops; prints the rates it used.")
+@click.option("--calibrate-seconds", type=float, default=None, metavar="S",
+              help="With --calibrate: seconds each unit is timed for, after a warm-up (default 2).")
+def plan(config, overrides, store, tflops, devices, calibrate, calibrate_seconds):
     """Before launching anything: the stage graph with cache status, the work, FLOPs, projected hours and the
     bytes of each stage."""
-    lines = _dispatch(plan_lines, _context(config, overrides, store, None), tflops, devices)
+    lines = _dispatch(plan_lines, _context(config, overrides, store, None), tflops, devices, calibrate,
+                      calibrate_seconds)
     click.echo("\n".join(lines))
 
 

@@ -115,10 +115,15 @@ def default_workers() -> int:
 def worker_resources(workers: int = 1) -> dict:
     """Resources for one of ``workers`` concurrent model workers: one GPU each when the cluster has GPUs,
     otherwise an equal share of a node's CPUs (torch threads follow the CPU count)."""
-    gpus = cluster_gpus()
+    return worker_share(workers, cluster_gpus(), cpus_per_node())
+
+
+def worker_share(workers: int, gpus: int, cpus: int) -> dict:
+    """``worker_resources`` for a machine with ``gpus`` GPUs and ``cpus`` CPUs (no Ray needed: ``pipeline plan
+    --calibrate`` sizes its timers with it)."""
     if gpus:
         return {"num_gpus": 1, "num_cpus": 1}
-    return {"num_gpus": 0, "num_cpus": max(1, cpus_per_node() // max(1, workers))}
+    return {"num_gpus": 0, "num_cpus": max(1, cpus // max(1, workers))}
 
 
 def prepare_worker(threads: int) -> None:

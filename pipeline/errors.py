@@ -76,6 +76,12 @@ class DiskFull(UserError):
     the file and the free space left there; the CLI adds what the stage still needs (``pipeline.plan``)."""
 
 
+class OptionError(UserError):
+    """A command-line option the library cannot honour (a bad value, or two options that exclude each other)."""
+
+    exit_code = EXIT_CONFIG
+
+
 class NotEnoughSpace(UserError):
     """The preflight: the free space under --store is less than the stages about to run write (estimate)."""
 

@@ -67,23 +67,34 @@ def per_example(cfg) -> dict[str, int]:
             "purifier_train_step": purifier, "carso_input_grad": carso_grad}
 
 
-def stage_flops(cfg, work: dict) -> dict[str, float]:
-    """Total FLOPs per stage; ``work`` holds the counts of examples (from pipeline.plan)."""
-    f = per_example(cfg)
+def stage_parts(cfg, work: dict, f: dict | None = None) -> dict[str, dict[str, float]]:
+    """Each stage's FLOPs by the kind of work that does them (``pipeline.calibrate`` times one unit per kind):
+    classifier ``train`` (PGD-k + the update, per example) and ``test`` (its PGD), ``attacks`` ``attack``,
+    ``activations`` ``forward``, ``purifier`` ``train_step``, ``evaluate`` ``carso`` (the CARSO input gradients)
+    and ``classifier_aa`` (standard AutoAttack on the classifier), ``probes`` ``probes``. ``work`` holds the counts
+    of examples (from pipeline.plan); ``f`` the per-example FLOPs (``per_example``), computed when not given."""
+    f = f or per_example(cfg)
     t, a = cfg.classifier.train, cfg.attack
-    clf = work["n_test"] * t.eval_pgd_steps * f["classifier_input_grad"]
+    clf = {"test": work["n_test"] * t.eval_pgd_steps * f["classifier_input_grad"]}
     if cfg.classifier.source == "train":
-        clf += t.epochs * work["n_train"] * (t.pgd_steps * f["classifier_input_grad"] + f["classifier_train_step"])
+        clf["train"] = t.epochs * work["n_train"] * (t.pgd_steps * f["classifier_input_grad"]
+                                                     + f["classifier_train_step"])
     pur_step = f["purifier_train_step"] + (f["classifier_forward"] if cfg.purifier.activations_source == "recompute"
                                            else 0)
     aa = AA_STANDARD_GRAD_PASSES * f["classifier_input_grad"] + AA_STANDARD_FORWARDS * f["classifier_forward"]
     return {"classifier": clf,
-            "attacks": work["examples"] * (2 + 2 * a.pgd_steps) * f["classifier_input_grad"],
-            "activations": work["samples"] * f["classifier_forward"],
-            "purifier": cfg.purifier.epochs * work["purifier_samples"] * pur_step,
-            "evaluate": work["n_eval"] * (work["carso_passes"] * f["carso_input_grad"] + aa),
-            "probes": probe_flops(cfg, work.get("probe_layers", 0), f),
-            "per_example": f}
+            "attacks": {"attack": work["examples"] * (2 + 2 * a.pgd_steps) * f["classifier_input_grad"]},
+            "activations": {"forward": work["samples"] * f["classifier_forward"]},
+            "purifier": {"train_step": cfg.purifier.epochs * work["purifier_samples"] * pur_step},
+            "evaluate": {"carso": work["n_eval"] * work["carso_passes"] * f["carso_input_grad"],
+                         "classifier_aa": work["n_eval"] * aa},
+            "probes": {"probes": probe_flops(cfg, work.get("probe_layers", 0), f)}}
+
+
+def stage_flops(cfg, work: dict) -> dict[str, float]:
+    """Total FLOPs per stage (the sums of ``stage_parts``) and ``per_example``."""
+    f = per_example(cfg)
+    return {**{stage: sum(parts.values()) for stage, parts in stage_parts(cfg, work, f).items()}, "per_example": f}
 
 
 def probe_flops(cfg, layers: int, f: dict) -> float:

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from . import runner
 from .balanced import steps_per_epoch
+from .calibrate import DEFAULT_SECONDS, check_seconds, project
 from .data import info
-from .errors import free_bytes, one_line
+from .errors import OptionError, free_bytes, one_line
 from .flops import stage_flops
 from .log import human_bytes
 from .preflight import check, describe, pending_bytes, training_images
@@ -28,6 +29,12 @@ def _counts(cfg) -> dict:
     return {"n_train": n_train, "n_test": n_test, "examples": e["examples"], "samples": e["samples"],
             "purifier_samples": steps * cfg.purifier.batch_size, "steps": steps,
             "n_eval": min(n_test - ev.first_example, ev.n_examples or n_test), "carso_passes": passes}
+
+
+def work_counts(cfg) -> dict:
+    """The counts behind every stage's FLOPs (``pipeline.flops.stage_flops``) and calibrated seconds
+    (``pipeline.calibrate.project``)."""
+    return {**_counts(cfg), "probe_layers": len(probe_layers(cfg))}
 
 
 def _work(cfg) -> dict[str, str]:
@@ -95,35 +102,88 @@ DEFAULT_TFLOPS = 20.0  # sustained TFLOP/s per device: a rough figure for one A1
 
 
 def _hours(flops: float, tflops: float, devices: int) -> str:
-    h = flops / (tflops * 1e12 * devices) / 3600
-    return f"{h:.3g} h" if h >= 0.01 else f"{h * 3600:.3g} s"
+    return _duration(flops / (tflops * 1e12 * devices))
 
 
-def plan_lines(ctx, tflops: float = DEFAULT_TFLOPS, devices: int = 1) -> list[str]:
+def _duration(seconds: float) -> str:
+    h = seconds / 3600
+    return f"{h:.3g} h" if h >= 0.01 else f"{seconds:.3g} s"
+
+
+def check_options(tflops: float | None, devices: int | None, calibrate: bool, calibrate_seconds: float | None) -> None:
+    """``--calibrate`` measures the rates, so it takes no ``--tflops`` or ``--devices``; ``--calibrate-seconds``
+    only with it, above 0."""
+    if calibrate and (tflops is not None or devices is not None):
+        given = " and ".join(o for o, v in (("--tflops", tflops), ("--devices", devices)) if v is not None)
+        raise OptionError(f"{given}: not with --calibrate, which measures each stage's rate on this machine's own "
+                          f"devices instead")
+    if calibrate_seconds is not None:
+        if not calibrate:
+            raise OptionError("--calibrate-seconds: only with --calibrate")
+        check_seconds(calibrate_seconds)
+
+
+def plan_lines(ctx, tflops: float | None = None, devices: int | None = None, calibrate: bool = False,
+               calibrate_seconds: float | None = None) -> list[str]:
+    """The plan's lines. Hours at ``tflops`` x ``devices`` (default DEFAULT_TFLOPS x 1), or, with ``calibrate``,
+    from each stage's unit of work timed here for ``calibrate_seconds`` (pipeline.calibrate)."""
+    check_options(tflops, devices, calibrate, calibrate_seconds)
+    tflops, devices = tflops or DEFAULT_TFLOPS, devices or 1
     cfg = ctx.cfg
     check(ctx)
     work, size = _work(cfg), _bytes(cfg)
-    flops = stage_flops(cfg, {**_counts(cfg), "probe_layers": len(probe_layers(cfg))})
+    counts = work_counts(cfg)
+    flops = stage_flops(cfg, counts)
+    cal = project(cfg, counts, calibrate_seconds or DEFAULT_SECONDS) if calibrate else None
     lines = [f"plan for {cfg.name} ({cfg.data.dataset}), store {ctx.store.root}:",
-             "  classifier -> attacks -> activations -> purifier -> evaluate (and, on request, activations -> probes)",
-             f"  compute: FLOPs counted on the real modules for one example x the work (convolutions and matrix "
-             f"products); hours at {tflops:g} TFLOP/s sustained x {devices} device(s) (--tflops, --devices)"]
+             "  classifier -> attacks -> activations -> purifier -> evaluate (and, on request, activations -> probes)"]
+    if cal:
+        m = cal["machine"]
+        lines.append(f"  compute: FLOPs counted on the real modules for one example x the work (convolutions and "
+                     f"matrix products); hours CALIBRATED on this machine ({m['device']}, {m['cpus']} CPUs, "
+                     f"{m['gpus']} GPUs): each stage's unit of work timed for {cal['seconds_per_unit']:g} s, hours = "
+                     f"FLOPs / the measured rate (--calibrate, not --tflops; Ray's start-up, data loading, worker "
+                     f"start-up and the stores' writes not included)")
+    else:
+        lines.append(f"  compute: FLOPs counted on the real modules for one example x the work (convolutions and "
+                     f"matrix products); hours at {tflops:g} TFLOP/s sustained x {devices} device(s) (--tflops, "
+                     f"--devices)")
     for stage, state, where in status(ctx):
-        lines += [f"- {stage} [{state}] {where}", f"    work:   {work[stage]}",
-                  f"    FLOPs:  {flops[stage]:.3g} -> {_hours(flops[stage], tflops, devices)}",
-                  f"    writes: {size[stage]}"]
-        if stage == "purifier" and cfg.data.dataset in PAPER_PURIFIER_MINUTES:
+        lines += [f"- {stage} [{state}] {where}", f"    work:   {work[stage]}"]
+        if cal:
+            lines += [f"    FLOPs:  {flops[stage]:.3g} -> {_duration(cal['stages'][stage]['seconds'])} (calibrated)",
+                      f"    rate:   {_rate_line(cal['stages'][stage])}"]
+        else:
+            lines.append(f"    FLOPs:  {flops[stage]:.3g} -> {_hours(flops[stage], tflops, devices)}")
+        lines.append(f"    writes: {size[stage]}")
+        if stage == "purifier" and cfg.data.dataset in PAPER_PURIFIER_MINUTES and not cal:
             a100 = flops[stage] / (8 * tflops * 1e12) / 60
             lines.append(f"    paper (Table 1): {PAPER_PURIFIER_MINUTES[cfg.data.dataset]} min on 8 A100; this "
                          f"projection on 8 devices at {tflops:g} TFLOP/s: {a100:.0f} min")
     e = estimate(cfg)
     total = e["attack_total_bytes"] + e["activation_total_bytes_raw"]
-    all_flops = sum(v for k, v in flops.items() if k not in ("per_example", "probes"))
+    main_stages = [k for k in flops if k not in ("per_example", "probes")]
+    all_flops = sum(flops[k] for k in main_stages)
     lines.append(f"total shards + activations (raw): {total:,} B ({human_bytes(total)})")
     lines.append(_space_line(ctx))
-    lines.append(f"total compute: {all_flops:.3g} FLOPs -> {_hours(all_flops, tflops, devices)} at {tflops:g} "
-                 f"TFLOP/s x {devices} (finished stages included; the probes, run on request, not)")
+    if cal:
+        secs = sum(cal["stages"][k]["seconds"] for k in main_stages)
+        lines.append(f"total compute: {all_flops:.3g} FLOPs -> {_duration(secs)} calibrated, the stages one after "
+                     f"another (finished stages included; the probes, run on request, not)")
+    else:
+        lines.append(f"total compute: {all_flops:.3g} FLOPs -> {_hours(all_flops, tflops, devices)} at {tflops:g} "
+                     f"TFLOP/s x {devices} (finished stages included; the probes, run on request, not)")
     return lines
+
+
+def _rate_line(rec: dict) -> str:
+    """``71.80 GFLOP/s = 35.90 GFLOP/s per worker x 2 worker(s) (cpu, 1 thread each); measured: ...``"""
+    each = f"{rec['threads']} thread(s) each" if rec["device"] == "cpu" else "1 GPU each"
+    units = "; ".join(f"{part}: {p['unit']} {p['flop_per_s'] / 1e9:.4g} GFLOP/s" for part, p in rec["parts"].items())
+    if rec["flop_per_s"] is None:
+        return f"no work ({rec['workers']} worker(s), {rec['device']}, {each})"
+    return (f"{rec['flop_per_s'] / 1e9:.4g} GFLOP/s = {rec['flop_per_s'] / rec['workers'] / 1e9:.4g} GFLOP/s per "
+            f"worker x {rec['workers']} worker(s) ({rec['device']}, {each}); measured per worker: {units}")
 
 
 def _space_line(ctx) -> str:

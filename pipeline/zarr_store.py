@@ -30,7 +30,19 @@ def _codec(clevel: int):
 def create(root: Path, *, n_rows: int, shapes: dict[str, tuple[int, ...]], dtype: str, chunk_rows: int,
            clevel: int, attrs: dict) -> None:
     """Create the group and every array (metadata only; no chunk is written)."""
-    group = zarr.open_group(str(root / GROUP), mode="w", attributes=attrs)
+    _create_arrays(zarr.open_group(str(root / GROUP), mode="w", attributes=attrs), n_rows=n_rows, shapes=shapes,
+                   dtype=dtype, chunk_rows=chunk_rows, clevel=clevel)
+
+
+def in_memory(*, n_rows: int, shapes: dict[str, tuple[int, ...]], dtype: str, chunk_rows: int, clevel: int):
+    """The same arrays as ``create``, in memory (``pipeline.calibrate`` times the stage's compression on them)."""
+    group = zarr.open_group(zarr.storage.MemoryStore(), mode="w")
+    _create_arrays(group, n_rows=n_rows, shapes=shapes, dtype=dtype, chunk_rows=chunk_rows, clevel=clevel)
+    return group
+
+
+def _create_arrays(group, *, n_rows: int, shapes: dict[str, tuple[int, ...]], dtype: str, chunk_rows: int,
+                   clevel: int) -> None:
     for name, shape in shapes.items():
         group.create_array(name, shape=(n_rows, *shape), chunks=(chunk_rows, *shape), dtype=dtype,
                            compressors=[_codec(clevel)], fill_value=0)
@@ -47,10 +59,14 @@ def open_array(root: Path, name: str, mode: str = "r"):
         return zarr.open_array(str(root / GROUP / name), mode=mode)
 
 
-def write_rows(root: Path, start: int, arrays: dict[str, np.ndarray]) -> None:
+def write_rows(root, start: int, arrays: dict[str, np.ndarray]) -> None:
+    """Rows ``start...`` of each array under ``root`` (a folder, or an ``in_memory`` group)."""
     for name, values in arrays.items():
-        arr = open_array(root, name, mode="r+")
-        arr[start:start + len(values)] = values
+        if isinstance(root, zarr.Group):
+            with zarr.config.set({"array.write_empty_chunks": True}):
+                root[name][start:start + len(values)] = values
+        else:
+            open_array(root, name, mode="r+")[start:start + len(values)] = values
 
 
 def chunk_files(root: Path, name: str, ndim: int, chunk_lo: int, chunk_hi: int) -> list[Path]:

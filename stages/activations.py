@@ -20,8 +20,7 @@ from pipeline.config import ActivationsConfig
 from pipeline.context import Context, cached_layers, classifier_identity
 from pipeline.data import info
 from pipeline.models import build_classifier, classifier_payload
-from pipeline.models.hooks import forward_with_activations
-from pipeline.precision import autocast
+from pipeline.models.hooks import activation_rows, forward_with_activations
 from pipeline.shards import read_shard_arrays
 from pipeline.store import Output, atomic_write_json, file_record, require_intact
 
@@ -80,17 +79,8 @@ class ActivationWorker(_pool.UnitWorker):
                                       seconds=time.perf_counter() - t0)
 
     def forward(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        dtype = np.dtype(self.p.dtype)
-        parts: dict[str, list[np.ndarray]] = {name: [] for name in self.layers}
-        bs = self.p.batch_size
-        with torch.no_grad():
-            for i in range(0, len(images), bs):
-                x = torch.from_numpy(images[i:i + bs]).to(self.device)
-                with autocast(self.p.precision, self.device):
-                    _, acts = forward_with_activations(self.model, x, self.layers)
-                for name, a in zip(self.layers, acts):
-                    parts[name].append(a.float().cpu().numpy().astype(dtype))
-        return {name: np.concatenate(v) for name, v in parts.items()}
+        return activation_rows(self.model, images, self.layers, batch_size=self.p.batch_size, dtype=self.p.dtype,
+                               precision=self.p.precision, device=self.device)
 
 
 def _layer_shapes(ctx: Context, layers: list[str]) -> dict[str, tuple[int, ...]]:

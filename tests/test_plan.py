@@ -65,3 +65,82 @@ def test_plan_prints_flops_hours_and_the_paper_table_1(tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("FLOPs:") == 6 and "at 10 TFLOP/s sustained x 8 device(s)" in r.stdout
     assert "paper (Table 1): 159 min on 8 A100" in r.stdout
+
+
+CAL_STAGES = ("classifier", "attacks", "activations", "purifier", "evaluate", "probes")
+
+
+def _calibrated_rows(stdout):
+    """Per stage: (FLOPs, projected seconds, GFLOP/s of the stage, GFLOP/s per worker, workers, the units' GFLOP/s)
+    as `pipeline plan --calibrate` prints them."""
+    rows, stage = {}, None
+    for line in stdout.splitlines():
+        if m := re.match(r"- (\w+) \[", line):
+            stage = m.group(1)
+        elif m := re.match(r"\s+FLOPs:\s+(\S+) -> (\S+) (h|s) \(calibrated\)$", line):
+            seconds = float(m.group(2)) * (3600 if m.group(3) == "h" else 1)
+            rows[stage] = {"flops": float(m.group(1)), "seconds": seconds}
+        elif m := re.match(r"\s+rate:\s+(\S+) GFLOP/s = (\S+) GFLOP/s per worker x (\d+) worker\(s\) \((cpu|cuda), "
+                           r".*?\); measured per worker: (.*)$", line):
+            units = {u.split(":")[0]: float(re.search(r" (\S+) GFLOP/s$", u).group(1)) for u in m.group(5).split("; ")}
+            rows[stage] |= {"rate": float(m.group(1)) * 1e9, "per_worker": float(m.group(2)) * 1e9,
+                            "workers": int(m.group(3)), "units": units}
+    return rows
+
+
+def test_plan_calibrate_projects_every_stage_from_the_measured_rates(tmp_path):
+    """`pipeline plan --calibrate` on the default config: every stage's hours are its FLOPs / the rate it measured
+    here (the stage's workers x one worker's rate), the rates printed, and --tflops nowhere."""
+    from pipeline.flops import stage_flops, stage_parts
+    from pipeline.plan import work_counts
+
+    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "plan", "--config", "configs/fmnist.yaml", "--store",
+                        str(tmp_path), "--calibrate", "--calibrate-seconds", "0.05"], capture_output=True, text=True,
+                       cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    assert "hours CALIBRATED on this machine" in r.stdout and "each stage's unit of work timed for 0.05 s" in r.stdout
+    assert "TFLOP/s sustained" not in r.stdout and "paper (Table 1)" not in r.stdout
+    rows = _calibrated_rows(r.stdout)
+    assert set(rows) == set(CAL_STAGES), r.stdout
+    cfg = load_config(REPO / "configs/fmnist.yaml")
+    work = work_counts(cfg)
+    flops, parts = stage_flops(cfg, work), stage_parts(cfg, work)
+    for stage, row in rows.items():
+        assert row["flops"] == pytest.approx(flops[stage], rel=5e-3), stage
+        assert row["rate"] > 0 and row["seconds"] > 0, stage
+        # the projection is FLOPs / measured rate, and the rate is one worker's times the stage's workers
+        assert row["seconds"] == pytest.approx(row["flops"] / row["rate"], rel=1e-2), stage
+        assert row["rate"] == pytest.approx(row["per_worker"] * row["workers"], rel=1e-3), stage
+        # one worker's rate is the FLOP-weighted harmonic mean of its units' measured rates
+        worker_s = sum(parts[stage][p] / (row["units"][p] * 1e9) for p in parts[stage] if parts[stage][p])
+        assert row["per_worker"] == pytest.approx(flops[stage] / worker_s, rel=2e-3), stage
+    assert rows["purifier"]["workers"] == cfg.purifier.workers and rows["classifier"]["workers"] == 1
+    assert set(rows["classifier"]["units"]) == {"train", "test"}
+    assert set(rows["evaluate"]["units"]) == {"carso", "classifier_aa"}
+    total = re.search(r"total compute: \S+ FLOPs -> (\S+) (h|s) calibrated", r.stdout)
+    assert total, r.stdout
+    main = sum(rows[s]["seconds"] for s in CAL_STAGES if s != "probes")
+    assert float(total.group(1)) * (3600 if total.group(2) == "h" else 1) == pytest.approx(main, rel=2e-2)
+    assert not any(tmp_path.iterdir())  # plan writes nothing
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--calibrate", "--calibrate-seconds", "-1"], "--calibrate-seconds -1.0: must be a number of seconds above 0"),
+    (["--calibrate-seconds", "1"], "--calibrate-seconds: only with --calibrate"),
+    (["--calibrate", "--tflops", "10"], "--tflops: not with --calibrate"),
+])
+def test_plan_calibrate_bad_values_are_one_line_and_exit_2(tmp_path, args, says):
+    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "plan", "--config", "configs/fmnist.yaml", "--store",
+                        str(tmp_path), *args], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and r.stderr.startswith(f"error: {says}"), r.stderr
+    assert r.stdout == ""
+
+
+@pytest.mark.parametrize("seconds", [0, -1, float("nan"), float("inf"), 601])
+def test_calibrate_seconds_out_of_range_is_an_option_error(seconds):
+    from pipeline.calibrate import check_seconds
+    from pipeline.errors import OptionError
+
+    with pytest.raises(OptionError, match="must be a number of seconds above 0 and at most 600"):
+        check_seconds(seconds)
