@@ -1,5 +1,6 @@
 """The CARSO input gradient (every evaluation attack step is one) in each execution variant, side by side in one
-run: float32 as the evaluation runs it, channels-last memory format, bfloat16 autocast (opt-in,
+run: float32 as written (``eval.kernels: reference``), channels-last memory format, ``eval.kernels: fast``
+(channels-last with the purifier's BatchNorms folded: the evaluation's default), bfloat16 autocast (opt-in,
 ``eval.precision: bfloat16``), ``torch.compile`` (inductor), and the thread layout (one process with T threads).
 
 Each variant is timed on the same inputs, the same random weights (the cost does not depend on them) and the same
@@ -9,7 +10,7 @@ its input gradient from the baseline's (0 means the same numbers; channels-last 
 another order; bfloat16 rounds). Prints JSON.
 
     .venv/bin/python bench/carso_variants.py [--config configs/fmnist.yaml] [--threads 2] [--seconds 3]
-        [--variants fp32,channels_last,bf16,compile] [--points 50]
+        [--variants fp32,channels_last,fast,bf16,compile] [--points 50]
 """
 from __future__ import annotations
 
@@ -29,10 +30,10 @@ from pipeline.models import build_classifier
 from pipeline.models.purifier import PurifierSpec
 from pipeline.sizing import layer_shapes
 
-VARIANTS = ("fp32", "channels_last", "bf16", "compile")
+VARIANTS = ("fp32", "channels_last", "fast", "bf16", "compile")
 
 
-def build(cfg, precision: str):
+def build(cfg, precision: str, kernels: str = "reference"):
     meta = info(cfg.data.dataset)
     torch.manual_seed(0)
     clf = build_classifier(cfg.classifier.arch, cfg.data.dataset, cfg.classifier.activation).eval()
@@ -43,7 +44,8 @@ def build(cfg, precision: str):
                         layer_shapes=tuple((k, tuple(shapes[k])) for k in layers), fc_repr=p.fc_repr,
                         f_joint=p.f_joint, encoder_convs=p.encoder_convs, mean=tuple(meta.mean), std=tuple(meta.std))
     pur = spec.build().eval()
-    return Carso(clf, pur, layers, samples=cfg.eval.samples, aggregation=cfg.eval.aggregation, precision=precision)
+    return Carso(clf, pur, layers, samples=cfg.eval.samples, aggregation=cfg.eval.aggregation, precision=precision,
+                 kernels=kernels)
 
 
 def timed(fn, seconds: float) -> tuple[float, torch.Tensor]:
@@ -83,7 +85,7 @@ def main() -> None:
     results, base = {}, None
     for name in args.variants.split(","):
         t0 = time.perf_counter()
-        model = build(cfg, "bfloat16" if name == "bf16" else "float32")
+        model = build(cfg, "bfloat16" if name == "bf16" else "float32", "fast" if name == "fast" else "reference")
         xin = x
         if name == "channels_last":
             model = model.to(memory_format=torch.channels_last)

@@ -261,7 +261,7 @@ def build_units(cfg, device: str) -> tuple[dict[str, Unit], dict]:
         # Its own copies: Carso freezes the classifier's and the purifier's parameters and puts both in eval mode,
         # as the evaluation has them.
         model = Carso(copy.deepcopy(clf), copy.deepcopy(pur), layers, samples=ev.samples, aggregation=ev.aggregation,
-                      precision=ev.precision)
+                      precision=ev.precision, kernels=ev.kernels)
         return lambda: input_gradient(model, x, y), n * per["carso_input_grad"]
 
     units = {

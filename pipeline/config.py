@@ -188,6 +188,10 @@ class EvalConfig:
     seed: int = 0
     # The evaluation stays float32 unless asked: a bfloat16 figure is labelled as such in the report.
     precision: Literal["float32", "bfloat16"] = "float32"
+    # How CARSO's networks run (pipeline/defense.py; the classifier-alone baseline always runs as stored):
+    # "reference" as written; "fast": channels-last layout and the purifier's BatchNorms folded into the layers
+    # before them: the same float32 function, its sums in another order.
+    kernels: Literal["reference", "fast"] = "fast"
 
 
 @dataclass(frozen=True, kw_only=True)

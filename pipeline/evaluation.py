@@ -179,7 +179,8 @@ class PGDEOTRun:
         target = model
         if self.gradient_through is not None:
             target = Carso(model.classifier, model.purifier, model.layers, samples=model.samples,
-                           aggregation=self.gradient_through)
+                           aggregation=self.gradient_through, precision=model.precision,
+                           kernels=model.kernels)
         gen = torch.Generator().manual_seed(self.seed)
         x_adv = pgd_eot(target, x, y, eps=self.eps, steps=self.steps, step_size=self.step_size, eot=self.eot,
                         generator=gen)

@@ -50,7 +50,10 @@ GRID_EXAMPLES = 8
 # 4: chunks seeded by the absolute test index of their first point (was: the chunk's position in the run), so a
 #    run split by points merges exactly into the one-run figure. Re-seeds every stored evaluation (the attacks'
 #    random starts and CARSO's draws change; the settings do not).
-VERSION = 4
+# 5: eval.kernels ("fast" by default: CARSO channels-last with its purifier's BatchNorms folded, the same function
+#    with float32 sums in another order); the logit-surrogate PGD+EOT runs at eval.precision (under bfloat16 it
+#    ran float32). eval.kernels=reference computes every float32 number as version 4 does.
+VERSION = 5
 # Code version of the classifier-alone baseline (clean accuracy and standard AutoAttack of a chunk), part of its
 # cache key: bump it only when a change alters those numbers (evaluate 3 did not; its baselines are version 2's).
 BASELINE_VERSION = 2
@@ -62,7 +65,8 @@ UPSTREAM = ("classifier", "attacks", "purifier")
 READS = ("data.dataset", "data.test_subset", "eval.eps", "eval.first_example", "eval.n_examples", "eval.samples",
          "eval.aggregation", "eval.aa_steps", "eval.aa_eot", "eval.pgd_eot_steps", "eval.pgd_eot_step_size",
          "eval.pgd_eot_iters", "eval.pgd_eot_logit_surrogate", "eval.obfuscation_eps", "eval.fresh_draws",
-         "eval.backend", "eval.chunk_size", "eval.batch_size", "eval.seed", "eval.precision")
+         "eval.backend", "eval.chunk_size", "eval.batch_size", "eval.seed", "eval.precision",
+         "eval.kernels")
 
 
 def inputs(ctx: Context) -> dict:
@@ -108,7 +112,7 @@ def evaluate_task(weights_box, data_box, out_dir: str, c: int, lo: int, hi: int,
     test index ``eval.first_example + lo``."""
     prepare_worker(threads)
     classifier, carso = unbox(weights_box).build(device, samples=ev.samples, aggregation=ev.aggregation,
-                                                 precision=ev.precision)
+                                                 precision=ev.precision, kernels=ev.kernels)
     torch.set_grad_enabled(True)
     x, y = unbox(data_box)
     t0 = time.perf_counter()

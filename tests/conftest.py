@@ -1,6 +1,7 @@
 """Shared fixtures: small on-disk datasets in every supported format, built by the tests themselves, and the two
 ways tests drive the pipeline: a ``Context`` on the test's own Ray (``make_ctx``) and the real CLI in a
-subprocess (``cli``, with ``cli_args`` for the usual config, store and overrides)."""
+subprocess (``cli``, with ``cli_args`` for the usual config, store and overrides; ``cli_here`` in this process
+for a command that ends before anything runs)."""
 from __future__ import annotations
 
 import gzip
@@ -50,6 +51,36 @@ def pytest_collection_modifyitems(items):
 def cli(*args, cwd=REPO, **kw) -> subprocess.CompletedProcess:
     """``pipeline ARGS`` in a subprocess, as a user runs it; output captured as text."""
     return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, cwd=cwd, **kw)
+
+
+def cli_here(*args) -> subprocess.CompletedProcess:
+    """``pipeline ARGS`` run by click in this process, for a command that must end before any stage or Ray starts
+    (a bad config, an unknown layer, a bad store path): the same code as ``cli`` without a new interpreter's ~3 s
+    of imports. What a command sets process-wide (its SIGTERM handler, Ray's post-init hooks, the space check) is
+    put back afterwards, and a command that started Ray here fails the test."""
+    import ray
+    from click.testing import CliRunner
+    from ray._private import worker
+
+    from pipeline import cli as cli_module
+    from pipeline import preflight
+
+    saved = (signal.getsignal(signal.SIGTERM), list(worker._post_init_hooks), preflight.SPACE_CHECK, os.getcwd())
+    try:
+        os.chdir(REPO)
+        r = CliRunner().invoke(cli_module.main, list(args), prog_name="pipeline")
+    finally:
+        signal.signal(signal.SIGTERM, saved[0])
+        worker._post_init_hooks[:] = saved[1]
+        preflight.SPACE_CHECK = saved[2]
+        os.chdir(saved[3])
+    started = ray.is_initialized()
+    if started:
+        ray.shutdown()
+    assert not started, f"pipeline {' '.join(args)}: started Ray; run it with cli() instead"
+    if r.exception is not None and not isinstance(r.exception, SystemExit):
+        raise r.exception
+    return subprocess.CompletedProcess(list(args), r.exit_code, r.stdout, r.stderr)
 
 
 def start_cli(*args, stderr=subprocess.DEVNULL) -> subprocess.Popen:

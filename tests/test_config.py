@@ -2,7 +2,7 @@
 import pytest
 
 from pipeline.config import ConfigError, RunConfig, build, load_config
-from tests.conftest import REPO, cli
+from tests.conftest import REPO, cli_here
 
 SHIPPED = sorted((REPO / "configs").glob("*.yaml"))
 
@@ -106,7 +106,7 @@ def test_cross_field_checks():
                                           (["--set", "attack.pgd_step_size=.inf"], "attack.pgd_step_size: must be a finite"),
                                           (["--set", "eval.eps=.nan"], "eval.eps: must be a finite")])
 def test_cli_config_errors_exit_2_one_line(tmp_path, extra, needle):
-    r = cli("run", "--config", "configs/fmnist.yaml", "--stage", "classifier", "--store", str(tmp_path / "s"), *extra)
+    r = cli_here("run", "--config", "configs/fmnist.yaml", "--stage", "classifier", "--store", str(tmp_path / "s"), *extra)
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0] and "configs/fmnist.yaml" in lines[0]
@@ -114,21 +114,21 @@ def test_cli_config_errors_exit_2_one_line(tmp_path, extra, needle):
 
 
 def test_cli_missing_config_exit_2(tmp_path):
-    r = cli("run", "--config", str(tmp_path / "nope.yaml"), "--stage", "classifier")
+    r = cli_here("run", "--config", str(tmp_path / "nope.yaml"), "--stage", "classifier")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "nope.yaml" in r.stderr
 
 
 def test_cli_help_lists_stages():
-    r = cli("--help")
+    r = cli_here("--help")
     assert r.returncode == 0
     for stage in ("classifier", "attacks", "activations", "purifier", "evaluate", "all"):
         assert stage in r.stdout
-    r = cli("run", "--help")
+    r = cli_here("run", "--help")
     for opt in ("--config", "--stage", "--set", "--ray-address", "--store"):
         assert opt in r.stdout
 
 
 def test_verify_on_a_missing_store_is_an_error(tmp_path):
-    r = cli("verify", "--store", str(tmp_path / "nowhere"))
+    r = cli_here("verify", "--store", str(tmp_path / "nowhere"))
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "nowhere" in r.stderr
     assert not (tmp_path / "nowhere").exists()

@@ -88,3 +88,50 @@ def test_fresh_randomness_every_call_and_eval_mode_kept():
     assert a.shape == (4, 2, 1, 28, 28) and not torch.equal(a, b)
     with torch.no_grad():
         assert not torch.equal(model(x), model(x))
+
+
+def test_fast_kernels_compute_the_reference_carso_and_leave_the_baseline_alone():
+    """eval.kernels=fast (channels-last, the purifier's BatchNorms folded) is the reference function rounded
+    differently; the classifier-alone baseline keeps the stored network as it is."""
+    import torch.nn as nn
+
+    from pipeline.defense import CarsoWeights
+    from pipeline.models import StoredClassifier
+    from pipeline.models.purifier import PurifierSpec
+
+    torch.manual_seed(0)
+    clf = build_classifier("cnn", "fmnist").eval()
+    shapes = layer_shapes("cnn", "fmnist", "relu", ["conv2", "conv3"])
+    meta = info("fmnist")
+    spec = PurifierSpec(image_shape=(1, 28, 28), layer_shapes=tuple((k, tuple(v)) for k, v in shapes.items()),
+                        fc_repr=32, f_joint=16, encoder_convs=3, mean=tuple(meta.mean), std=tuple(meta.std))
+    trained = spec.build()
+    for m in trained.modules():  # BatchNorm statistics away from (0, 1), as training leaves them
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    weights = CarsoWeights(StoredClassifier(arch="cnn", activation="relu", dataset="fmnist",
+                                            state_dict=clf.state_dict(), weights_sha256="0" * 64),
+                           spec, trained.state_dict())
+    x, y = torch.rand(5, 1, 28, 28), torch.tensor([0, 1, 2, 3, 4])
+    grads, outs = {}, {}
+    for kernels in ("reference", "fast"):
+        base, carso = weights.build("cpu", samples=3, aggregation="robust", kernels=kernels)
+        xi = x.clone().requires_grad_()
+        torch.manual_seed(7)  # the same latent draws
+        outs[kernels] = carso(xi)
+        F.nll_loss(outs[kernels], y).backward()
+        grads[kernels] = xi.grad
+        batchnorms = [m for m in carso.purifier.modules() if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))]
+        assert bool(batchnorms) == (kernels == "reference")
+        for net in (carso.classifier, carso.purifier):  # a convolution with more than one input channel
+            conv = next(p for p in net.parameters() if p.dim() == 4 and p.shape[1] > 1 and p.shape[2] > 1)
+            assert conv.is_contiguous() == (kernels == "reference")
+        assert all(p.is_contiguous() for p in base.parameters())  # the baseline: the stored network as it is
+    assert torch.allclose(outs["fast"], outs["reference"], rtol=1e-4, atol=1e-5)
+    assert torch.allclose(grads["fast"], grads["reference"], rtol=1e-3, atol=1e-7)
+    assert grads["reference"].abs().sum() > 0
+    with pytest.raises(ValueError, match="unknown kernels"):
+        Carso(clf, spec.build(), ["conv2", "conv3"], kernels="nhwc")

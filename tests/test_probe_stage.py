@@ -7,7 +7,7 @@ import pytest
 
 from pipeline import runner
 from tests import conftest
-from tests.conftest import TOY_SETS, TOY_TEST, TOY_TRAIN, cli, cli_args, toy_store
+from tests.conftest import TOY_SETS, TOY_TEST, TOY_TRAIN, cli, cli_args, cli_here, toy_store
 
 SETS = [*TOY_SETS, "probes.first_example=0", "probes.n_examples=16", "probes.pgd_steps=3", "probes.epochs=2",
         "probes.robust_examples=64", "probes.robust_epochs=1", "probes.robust_pgd_steps=2", "probes.batch_size=32"]
@@ -74,7 +74,7 @@ def test_a_layer_gives_the_same_numbers_whichever_layers_are_probed(store, data_
     (f"probes.robust_examples={TOY_TRAIN + 1}",
      f"probes.robust_examples: {TOY_TRAIN + 1} exceeds the {TOY_TRAIN} fmnist training images")])
 def test_bad_probe_settings_exit_2_in_one_line_before_any_stage(tmp_path, data_dir, setting, needle):
-    r = cli("run", "--stage", "probes", *cli_args(tmp_path / "s", data_dir, setting, sets=SETS))
+    r = cli_here("run", "--stage", "probes", *cli_args(tmp_path / "s", data_dir, setting, sets=SETS))
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and lines[-1].startswith("error: ") and needle in lines[-1], r.stderr[-2000:]
     assert not any(line.startswith("[classifier]") for line in lines) and not (tmp_path / "s" / "fmnist").exists()

@@ -13,7 +13,7 @@ import pytest
 from pipeline import runner
 from pipeline.config import load_config
 from pipeline.store import output_lock
-from tests.conftest import CLF, REPO, cli, make_fmnist, write_idx
+from tests.conftest import CLF, REPO, cli, cli_here, make_fmnist, write_idx
 
 
 
@@ -53,7 +53,7 @@ def _copy(trained, tmp_path):
                                             ("purifier.layers=[conv9]", "purifier.layers: conv9 not among")])
 def test_unknown_layer_names_exit_2_before_anything_runs(tmp_path, data, command, setting, needle):
     extra = ["--stage", "classifier"] if command == "run" else []
-    r = cli(command, "--config", "configs/fmnist.yaml", "--store", str(tmp_path / "s"), *extra,
+    r = cli_here(command, "--config", "configs/fmnist.yaml", "--store", str(tmp_path / "s"), *extra,
             *sets(data, setting))
     one_line(r, 2, needle)
     assert not (tmp_path / "s").exists()
@@ -64,7 +64,7 @@ def test_unknown_layer_names_exit_2_before_anything_runs(tmp_path, data, command
     ("evaluate", "eval.n_examples=33", "eval.n_examples: 33 from eval.first_example=0: the fmnist test split has 32"),
     ("evaluate", "eval.first_example=32", "eval.first_example: 32: the fmnist test split has 32")])
 def test_example_counts_beyond_the_split_exit_2_unclamped(tmp_path, data, stage, setting, needle):
-    r = cli("run", "--config", "configs/fmnist.yaml", "--store", str(tmp_path / "s"), "--stage", stage,
+    r = cli_here("run", "--config", "configs/fmnist.yaml", "--store", str(tmp_path / "s"), "--stage", stage,
             *sets(data, setting))
     one_line(r, 2, needle)
     assert not (tmp_path / "s").exists()
@@ -73,13 +73,13 @@ def test_example_counts_beyond_the_split_exit_2_unclamped(tmp_path, data, stage,
 def test_binary_config_exit_2(tmp_path):
     bad = tmp_path / "model.yaml"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff\xfe")
-    one_line(cli("plan", "--config", str(bad)), 2, str(bad), "not a text (UTF-8) YAML file")
+    one_line(cli_here("plan", "--config", str(bad)), 2, str(bad), "not a text (UTF-8) YAML file")
 
 
 def test_store_that_is_a_file_exit_1(tmp_path, data):
     f = tmp_path / "store"
     f.write_text("not a store")
-    r = cli("run", "--config", "configs/fmnist.yaml", "--store", str(f), "--stage", "classifier", *sets(data))
+    r = cli_here("run", "--config", "configs/fmnist.yaml", "--store", str(f), "--stage", "classifier", *sets(data))
     one_line(r, 1, f"--store {f}: exists and is not a directory")
     assert f.read_text() == "not a store"
 
