@@ -57,7 +57,8 @@ def cli_here(*args) -> subprocess.CompletedProcess:
     """``pipeline ARGS`` run by click in this process, for a command that must end before any stage or Ray starts
     (a bad config, an unknown layer, a bad store path): the same code as ``cli`` without a new interpreter's ~3 s
     of imports. What a command sets process-wide (its SIGTERM handler, Ray's post-init hooks, the space check) is
-    put back afterwards, and a command that started Ray here fails the test."""
+    put back afterwards, and a command that started Ray here fails the test (where the module holds a Ray
+    connection already, that check cannot see a command that used it)."""
     import ray
     from click.testing import CliRunner
     from ray._private import worker
@@ -65,6 +66,7 @@ def cli_here(*args) -> subprocess.CompletedProcess:
     from pipeline import cli as cli_module
     from pipeline import preflight
 
+    connected = ray.is_initialized()  # a module's own Ray (toy_store): the command must not start another
     saved = (signal.getsignal(signal.SIGTERM), list(worker._post_init_hooks), preflight.SPACE_CHECK, os.getcwd())
     try:
         os.chdir(REPO)
@@ -74,7 +76,7 @@ def cli_here(*args) -> subprocess.CompletedProcess:
         worker._post_init_hooks[:] = saved[1]
         preflight.SPACE_CHECK = saved[2]
         os.chdir(saved[3])
-    started = ray.is_initialized()
+    started = ray.is_initialized() and not connected
     if started:
         ray.shutdown()
     assert not started, f"pipeline {' '.join(args)}: started Ray; run it with cli() instead"

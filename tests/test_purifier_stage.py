@@ -154,9 +154,9 @@ def test_resumed_training_is_bit_identical_to_an_uninterrupted_run(store, data_d
     """The state a kill leaves, and the same run again: its purifier.pt equals the uninterrupted run's (the module's
     4-epoch purifier, a cache hit after the first test), byte for byte. The state is the one the last checkpoint's
     write can be killed in (pipeline/store.py writes a file under a temporary name, renames it into place, then
-    writes its receipt): epoch 4's checkpoint renamed but without its receipt, so it is not trusted, and a half-
-    written temporary of it beside; no manifest, no purifier.pt. The run resumes from epoch 3 with every worker's
-    random state restored. A Ray Train worker lost inside a run resumes through the same path (train_loop reads
+    writes its receipt): the last epoch's checkpoint (``epoch-0003.pt``: files count epochs from 0) renamed but
+    without its receipt, so it is not trusted, and a half-written temporary of it beside; no manifest, no
+    purifier.pt. The run resumes after the third epoch with every worker's random state restored. A Ray Train worker lost inside a run resumes through the same path (train_loop reads
     the newest recorded checkpoint when the group restarts); stopping a running stage's processes is
     tests/test_faults.py's (SIGTERM to the driver and to its process group), so no process is killed here."""
     from stages.purifier import CKPT_DIR
@@ -167,15 +167,15 @@ def test_resumed_training_is_bit_identical_to_an_uninterrupted_run(store, data_d
     copy = tmp_path / "killed"
     shutil.copytree(store, copy)
     out_dir = copy / done.dir.relative_to(store)
-    for name in ("manifest.json", "purifier.pt", "purifier.json", "_units/epoch-0004.json"):
+    for name in ("manifest.json", "purifier.pt", "purifier.json", "_units/epoch-0003.json"):
         (out_dir / name).unlink()
     ckpts = out_dir / CKPT_DIR
-    assert sorted(p.name for p in ckpts.glob("epoch-*.pt")) == ["epoch-0003.pt", "epoch-0004.pt"]
-    half = ckpts / ".epoch-0004.pt.tmp-1-0badf00d"
-    half.write_bytes((ckpts / "epoch-0004.pt").read_bytes()[:4096])
+    assert sorted(p.name for p in ckpts.glob("epoch-*.pt")) == ["epoch-0002.pt", "epoch-0003.pt"]
+    half = ckpts / ".epoch-0003.pt.tmp-1-0badf00d"
+    half.write_bytes((ckpts / "epoch-0003.pt").read_bytes()[:4096])
     lines = []
     out = runner.run(make_ctx(copy, data_dir, *extra, log=lines.append), "purifier")[0]
-    assert out.dir == out_dir and "[purifier] resuming from epoch-0003.pt" in lines, lines
+    assert out.dir == out_dir and "[purifier] resuming from epoch-0002.pt" in lines, lines
     assert not half.exists()
     hist = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in hist] == list(range(1, 5))
