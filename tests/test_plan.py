@@ -7,7 +7,7 @@ import pytest
 
 from pipeline.config import load_config
 from pipeline.sizing import estimate
-from tests.conftest import REPO
+from tests.conftest import REPO, cli_here
 
 ROWS = {"fmnist": "`fmnist.yaml`", "cifar10": "`cifar10.yaml`", "cifar100": "`cifar100.yaml`",
         "tinyimagenet": "`tinyimagenet.yaml`"}
@@ -30,8 +30,7 @@ def test_storage_layout_table_matches_sizing(name):
 
 
 def test_plan_cifar10_prints_the_table_totals(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "plan", "--config", "configs/cifar10.yaml", "--store",
-                        str(tmp_path)], capture_output=True, text=True, cwd=REPO)
+    r = cli_here("plan", "--config", "configs/cifar10.yaml", "--store", str(tmp_path))
     assert r.returncode == 0, r.stderr
     row = _table_row("cifar10")
     assert f"{row['attack_total_bytes']:,} B" in r.stdout and f"{row['activation_total_bytes_raw']:,} B raw" in r.stdout
@@ -60,8 +59,7 @@ def test_flops_are_counted_on_the_real_modules():
 
 
 def test_plan_prints_flops_hours_and_the_paper_table_1(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "plan", "--config", "configs/cifar10.yaml", "--store",
-                        str(tmp_path), "--tflops", "10", "--devices", "8"], capture_output=True, text=True, cwd=REPO)
+    r = cli_here("plan", "--config", "configs/cifar10.yaml", "--store", str(tmp_path), "--tflops", "10", "--devices", "8")
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("FLOPs:") == 6 and "at 10 TFLOP/s sustained x 8 device(s)" in r.stdout
     assert "paper (Table 1): 159 min on 8 A100" in r.stdout
@@ -130,8 +128,7 @@ def test_plan_calibrate_projects_every_stage_from_the_measured_rates(tmp_path):
     (["--calibrate", "--tflops", "10"], "--tflops: not with --calibrate"),
 ])
 def test_plan_calibrate_bad_values_are_one_line_and_exit_2(tmp_path, args, says):
-    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "plan", "--config", "configs/fmnist.yaml", "--store",
-                        str(tmp_path), *args], capture_output=True, text=True, cwd=REPO)
+    r = cli_here("plan", "--config", "configs/fmnist.yaml", "--store", str(tmp_path), *args)
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert r.stderr.strip().splitlines() == [r.stderr.strip()] and r.stderr.startswith(f"error: {says}"), r.stderr
     assert r.stdout == ""
