@@ -18,6 +18,7 @@ fresh latent samples.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -89,13 +90,12 @@ class Carso(nn.Module):
         self.classifier, self.purifier = classifier.eval(), purifier.eval()
         self.layers, self.samples, self.aggregation = list(layers), samples, aggregation
         self.precision = precision  # "bfloat16": the networks under autocast, the aggregation in float32
-        # "fast": the purifier's BatchNorms folded into the layers before them, both networks' weights and every
-        # input channels-last. The modules passed are changed in place: pass ones no one else runs.
+        # "fast": the purifier's BatchNorms folded into the layers before them (a second fold finds none), both
+        # networks' weights and every input channels-last. The modules passed are changed in place: pass ones no
+        # one else runs.
         self.kernels = kernels
-        if kernels == "fast" and not getattr(self.purifier, "_batchnorm_folded", False):
-            fold_batchnorm(self.purifier)
-            self.purifier._batchnorm_folded = True
         if kernels == "fast":
+            fold_batchnorm(self.purifier)
             self.classifier.to(memory_format=torch.channels_last)
             self.purifier.to(memory_format=torch.channels_last)
         for p in self.parameters():
@@ -139,7 +139,7 @@ class CarsoWeights:
         purifier.load_state_dict(self.purifier_state)
         # A "fast" CARSO changes its networks: it gets a classifier of its own, and the classifier-alone baseline
         # runs the stored weights as they are.
-        inner = classifier if kernels == "reference" else self.classifier.build(device)
+        inner = classifier if kernels == "reference" else copy.deepcopy(classifier)
         carso = Carso(inner, purifier.to(device).eval(), self.purifier.layers, samples=samples,
                       aggregation=aggregation, precision=precision, kernels=kernels)
         return classifier, carso
