@@ -34,16 +34,11 @@ VARIANTS = ("fp32", "channels_last", "fast", "bf16", "compile")
 
 
 def build(cfg, precision: str, kernels: str = "reference"):
-    meta = info(cfg.data.dataset)
     torch.manual_seed(0)
     clf = build_classifier(cfg.classifier.arch, cfg.data.dataset, cfg.classifier.activation).eval()
     layers = list(cfg.purifier.layers or cfg.activations.layers or clf.default_layers())
     shapes = layer_shapes(cfg.classifier.arch, cfg.data.dataset, cfg.classifier.activation, layers)
-    p = cfg.purifier
-    spec = PurifierSpec(image_shape=(meta.channels, meta.size, meta.size),
-                        layer_shapes=tuple((k, tuple(shapes[k])) for k in layers), fc_repr=p.fc_repr,
-                        f_joint=p.f_joint, encoder_convs=p.encoder_convs, mean=tuple(meta.mean), std=tuple(meta.std))
-    pur = spec.build().eval()
+    pur = PurifierSpec.for_config(cfg, shapes, layers).build().eval()
     return Carso(clf, pur, layers, samples=cfg.eval.samples, aggregation=cfg.eval.aggregation, precision=precision,
                  kernels=kernels)
 

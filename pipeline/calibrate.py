@@ -174,9 +174,7 @@ def build_units(cfg, device: str) -> tuple[dict[str, Unit], dict]:
     layers = list(cfg.purifier.layers or cached)
     shapes = layer_shapes(cfg.classifier.arch, cfg.data.dataset, cfg.classifier.activation, layers)
     t, p, a, ev = cfg.classifier.train, cfg.purifier, cfg.attack, cfg.eval
-    spec = PurifierSpec(image_shape=(meta.channels, meta.size, meta.size),
-                        layer_shapes=tuple((k, tuple(shapes[k])) for k in layers), fc_repr=p.fc_repr,
-                        f_joint=p.f_joint, encoder_convs=p.encoder_convs, mean=tuple(meta.mean), std=tuple(meta.std))
+    spec = PurifierSpec.for_config(cfg, shapes, layers)
     pur = spec.build().to(device)
     models = {"classifier": {"arch": cfg.classifier.arch, "activation": cfg.classifier.activation,
                              "parameters": sum(q.numel() for q in clf.parameters())},

@@ -9,7 +9,6 @@ from the store's latest checkpoint, bit-identical to an uninterrupted run with t
 """
 from __future__ import annotations
 
-import io
 import json
 import shutil
 import time
@@ -21,14 +20,14 @@ import torch.distributed as dist
 from pipeline.balanced import BalancedBatches, steps_per_epoch, worker_kinds
 from pipeline.cluster import cluster_gpus, cpus_per_node, prepare_worker
 from pipeline.context import Context, classifier_identity, conditioning_layers
-from pipeline.data import info
 from pipeline.errors import UserError, find_user_error
 from pipeline.log import Follow
 from pipeline.models import classifier_payload
 from pipeline.models.purifier import PurifierSpec
 from pipeline.purifier_train import TrainJob, build_optimizer, epoch_record, slow_state_dict, train_epoch
 from pipeline.sizing import layer_shapes
-from pipeline.store import Output, StoreError, atomic_write_bytes, atomic_write_json, file_record, require_intact
+from pipeline.store import (Output, StoreError, atomic_torch_save, atomic_write_bytes, atomic_write_json, file_record,
+                            require_intact)
 
 CKPT_DIR = "checkpoints"
 
@@ -84,14 +83,15 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 
 def read_checkpoint(out_dir: Path, path: Path) -> dict:
     """A checkpoint, checked against the size and sha256 recorded when it was written (``_units/epoch-N.json``),
-    then read with ``weights_only=True``."""
+    then read with ``weights_only=True``, memory-mapped (a reader touches only the tensors it uses: the driver's
+    final step reads the slow weights, not the optimizer's state)."""
     out = Output(out_dir, "purifier", "")
     receipt = out.unit_receipt(path.stem)
     if not receipt.is_file():
         raise StoreError(f"{path}: no record of its size and sha256 ({receipt} is missing); delete the checkpoint "
                          f"to restart training from the previous one, or rebuild with --rebuild")
     require_intact(out, json.loads(receipt.read_text())["files"][0])
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -209,9 +209,7 @@ def _train(job: TrainJob) -> None:
             state = {"model": (model.module if hasattr(model, "module") else model).state_dict(),
                      "slow_model": slow_state_dict(model, opt), "optimizer": opt.state_dict(), "epoch": epoch,
                      "history": history, "rng": rng}
-            buf = io.BytesIO()
-            torch.save(state, buf)
-            _store_checkpoint(out_dir, epoch, buf.getvalue(), history)
+            _store_checkpoint(out_dir, epoch, state, history)
         ray.train.report({k: v for k, v in history[-1].items() if k != "kl_per_dim"})
 
 
@@ -238,15 +236,16 @@ def restore_rng(rng: list[dict] | None, rank: int, world: int) -> None:
         torch.cuda.set_rng_state(rng[rank]["cuda"])
 
 
-def _store_checkpoint(out_dir: Path, epoch: int, state: bytes, history: list[dict]) -> None:
-    """Rank 0: the epoch's checkpoint into the store (atomically, then its receipt), metrics.jsonl rewritten from
-    the checkpoint's history (so a kill between the two writes never leaves a gap), old checkpoints pruned."""
+def _store_checkpoint(out_dir: Path, epoch: int, state: dict, history: list[dict]) -> None:
+    """Rank 0: the epoch's checkpoint into the store (streamed and hashed on the way, atomically, then its
+    receipt), metrics.jsonl rewritten from the checkpoint's history (so a kill between the two writes never leaves
+    a gap), old checkpoints pruned."""
     d = out_dir / CKPT_DIR
     d.mkdir(parents=True, exist_ok=True)
     path = d / f"epoch-{epoch:04d}.pt"
-    atomic_write_bytes(path, state)
+    written = atomic_torch_save(path, state)
     out = Output(out_dir, "purifier", "")
-    out.write_receipt(path.stem, [path])  # size and sha256, checked before the checkpoint is read back
+    out.write_receipt(path.stem, [path], hashes={path: written["sha256"]})  # checked before it is read back
     for old in sorted(d.glob("epoch-*.pt"))[:-2]:
         old.unlink(missing_ok=True)
         out.unit_receipt(old.stem).unlink(missing_ok=True)
@@ -263,11 +262,8 @@ def write_metrics(out_dir: Path, history: list[dict]) -> None:
 def model_spec(ctx: Context, layers: list[str]) -> PurifierSpec:
     """The purifier the config asks for, conditioned on ``layers`` of the stored classifier."""
     up = ctx.upstream("classifier").manifest()
-    meta, p = info(ctx.cfg.data.dataset), ctx.cfg.purifier
     shapes = layer_shapes(up["arch"], ctx.cfg.data.dataset, up["activation"], layers)
-    return PurifierSpec(image_shape=(meta.channels, meta.size, meta.size),
-                        layer_shapes=tuple((k, tuple(shapes[k])) for k in layers), fc_repr=p.fc_repr,
-                        f_joint=p.f_joint, encoder_convs=p.encoder_convs, mean=tuple(meta.mean), std=tuple(meta.std))
+    return PurifierSpec.for_config(ctx.cfg, shapes, layers)
 
 
 def run(ctx: Context, out: Output) -> None:
@@ -339,11 +335,11 @@ def _finalize(ctx: Context, out: Output, job: TrainJob, seconds: float) -> None:
     if state["epoch"] + 1 != ctx.cfg.purifier.epochs:
         raise RuntimeError(f"[purifier] training stopped at epoch {state['epoch'] + 1} of {ctx.cfg.purifier.epochs}")
     write_metrics(out.dir, state["history"])  # exactly the finished epochs, whatever a kill interrupted
-    buf = io.BytesIO()
-    torch.save(state["slow_model"], buf)  # Lookahead's slow weights (pipeline/purifier_train.py)
-    atomic_write_bytes(out.dir / "purifier.pt", buf.getvalue())
+    # Lookahead's slow weights (pipeline/purifier_train.py)
+    written = atomic_torch_save(out.dir / "purifier.pt", state["slow_model"])
     atomic_write_json(out.dir / "purifier.json", job.model.to_json())
-    files = [file_record(out.dir, out.dir / n) for n in ("purifier.pt", "purifier.json", "metrics.jsonl")]
+    files = [file_record(out.dir, out.dir / n, written["sha256"] if n == "purifier.pt" else None)
+             for n in ("purifier.pt", "purifier.json", "metrics.jsonl")]
     hist = state["history"]
     out.finalize(inputs={"layers": job.layers, "source": job.source} | inputs(ctx),
                  files=files, counts={"epochs": len(hist), "steps_per_epoch": job.steps,

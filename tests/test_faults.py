@@ -24,7 +24,7 @@ import pytest
 
 from pipeline.errors import DiskFull, UserError, find_user_error
 from pipeline.store import TEMP_MARK, atomic_file, atomic_write_bytes, sha256_file
-from tests.conftest import CLF, REPO, cli, cli_args
+from tests.conftest import CLF, REPO, cli, cli_args, cli_here
 
 # 64 training images in 8 shards of 8 (205 KB each), cheap attacks: the full-disk run.
 SMALL = [*CLF, "attack.shard_size=8", "attack.batch_size=8", "attack.pgd_steps=2", "activations.chunk_rows=40"]
@@ -91,6 +91,29 @@ def test_a_real_full_and_read_only_filesystem(tmp_path):
         with pytest.raises(DiskFull, match=rf"^{fs / 'other.json'}: read-only filesystem$"):
             atomic_write_bytes(fs / "other.json", b"{}")
         assert [p.name for p in fs.iterdir()] == ["small.json"]
+
+
+def test_a_streamed_torch_save_writes_what_torch_saves_and_a_full_disk_leaves_nothing(tmp_path):
+    """``atomic_torch_save`` (the purifier's checkpoints and purifier.pt): the bytes torch.save writes into memory,
+    the size and sha256 of the file as written, no temporary left; on a full filesystem one DiskFull line and
+    neither the file nor its temporary."""
+    import io
+
+    import torch
+
+    from pipeline.store import atomic_torch_save, sha256_file
+
+    obj = {"model": {"w": torch.arange(100_000, dtype=torch.float32)}, "epoch": 3, "history": [{"loss": 1.5}]}
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    rec = atomic_torch_save(tmp_path / "epoch-0003.pt", obj)
+    assert (tmp_path / "epoch-0003.pt").read_bytes() == buf.getvalue()
+    assert rec == {"bytes": len(buf.getvalue()), "sha256": sha256_file(tmp_path / "epoch-0003.pt")}
+    assert [p.name for p in tmp_path.iterdir()] == ["epoch-0003.pt"]
+    with small_fs(tmp_path / "fs", 256) as fs:
+        with pytest.raises(DiskFull, match=rf"^{fs / 'purifier.pt'}: no space left on device \(.* free there\)$"):
+            atomic_torch_save(fs / "purifier.pt", obj)  # 400 KB into 256 KiB
+        assert not list(fs.iterdir())
 
 
 def _enospc(name="/s/fmnist/attacks/k/.shard-000001.tar.tmp-123-abcd1234"):
@@ -184,7 +207,7 @@ def test_a_store_too_small_for_the_plan_stops_before_any_work(tmp_path, data):
         one_line(r.returncode, r.stderr, 2, f"--store {store}: ", " free, the stages about to run write about ",
                  "classifier 1.", "attacks 1.", "--no-space-check")
         assert "[ray]" not in r.stderr and not any(store.iterdir())  # no Ray, no folder, no lock
-        p = cli("plan", *cli_args(store, data, sets=SMALL))
+        p = cli_here("plan", *cli_args(store, data, sets=SMALL))
         assert p.returncode == 0, p.stderr
         (line,) = [x for x in p.stdout.splitlines() if x.startswith("free space under")]
         assert f"free space under {store}: 1.0 MB" in line and "too little" in line and "--no-space-check" in line
@@ -226,7 +249,7 @@ def test_a_full_disk_mid_stage_is_one_line_and_the_same_command_resumes(tmp_path
         assert r.returncode == 0, r.stderr[-3000:]
         assert f"resuming {out}: {len(receipts)} unit(s) already finished" in r.stderr
         assert f"{8 - len(receipts)} unit(s) to do" in r.stderr
-        v = cli("verify", "--store", str(store))
+        v = cli_here("verify", "--store", str(store))
         assert v.returncode == 0 and "2 output(s) checked, 0 problem(s)" in v.stdout, v.stdout + v.stderr
 
 

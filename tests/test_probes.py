@@ -107,7 +107,7 @@ def test_a_second_run_on_a_locked_output_refuses_naming_the_holder(tmp_path, dat
     ctx = runner.Context(cfg=cfg, store=runner.store_root(tmp_path / "s"), log=lambda m: None)
     out = ctx.output("classifier")
     with output_lock(out):
-        r = cli("run", "--config", "configs/fmnist.yaml", "--store", str(tmp_path / "s"), "--stage", "classifier",
+        r = cli_here("run", "--config", "configs/fmnist.yaml", "--store", str(tmp_path / "s"), "--stage", "classifier",
                 *sets(data))
         one_line(r, 1, f"{out.dir}: being written by pid {os.getpid()}")
     assert not out.is_complete()
@@ -128,20 +128,20 @@ def test_verify_finds_corruption_leftovers_and_rebuild_repairs(tmp_path, data, t
     empty = store / "fmnist" / "attacks" / "0123456789abcdef"
     empty.mkdir(parents=True)
 
-    r = cli("verify", "--store", str(store))
+    r = cli_here("verify", "--store", str(store))
     assert r.returncode == 1
     assert f"{model}: content altered" in r.stderr
     assert "leftover temporary" in r.stderr and "notes.txt: not listed" in r.stderr
     assert f"{empty}: empty key folder" in r.stderr
 
-    r = cli("verify", "--store", str(store), "--fix")
+    r = cli_here("verify", "--store", str(store), "--fix")
     assert r.returncode == 1 and "2 removed" in r.stdout  # the corrupt model and notes.txt stay
     assert not empty.exists() and not list(out.glob(".*.tmp-*")) and (out / "notes.txt").exists()
 
     r = cli("run", "--stage", "classifier", "--rebuild", *args)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "--rebuild: removing" in r.stderr
-    assert cli("verify", "--store", str(store)).returncode == 0
+    assert cli_here("verify", "--store", str(store)).returncode == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert {f["name"] for f in manifest["files"]} == {"metrics.json", "model.pt"}
 
@@ -153,9 +153,9 @@ def test_a_corrupt_manifest_is_never_a_cache_hit(tmp_path, data, trained):
     (manifest,) = store.glob("fmnist/classifier/*/manifest.json")
     for bad in (b"", b"[1, 2]", b"\xff\xfe"):
         manifest.write_bytes(bad)
-        one_line(cli("run", "--stage", "classifier", *args), 1, str(manifest), "corrupt manifest", "--rebuild")
+        one_line(cli_here("run", "--stage", "classifier", *args), 1, str(manifest), "corrupt manifest", "--rebuild")
     manifest.write_text('{"files": [{"name": "model.pt", "bytes": 1, "sha256": "0"}]}')
-    one_line(cli("run", "--stage", "classifier", *args), 1, "model.pt: truncated or resized")
+    one_line(cli_here("run", "--stage", "classifier", *args), 1, "model.pt: truncated or resized")
     assert not list(store.glob("fmnist/attacks/*")), "a stage ran on the corrupt classifier"
     # `--rebuild` repairs what a corrupt output blocks: test_verify_finds_corruption_leftovers_and_rebuild_repairs
 
@@ -168,9 +168,7 @@ def test_a_corrupt_purifier_checkpoint_is_refused_before_it_is_read(tmp_path):
     from pipeline.store import StoreError
     from stages.purifier import _store_checkpoint, latest_checkpoint, read_checkpoint
 
-    buf = __import__("io").BytesIO()
-    torch.save({"epoch": 0, "model": {"w": torch.ones(3)}}, buf)
-    _store_checkpoint(tmp_path, 0, buf.getvalue(), {"epoch": 1})
+    _store_checkpoint(tmp_path, 0, {"epoch": 0, "model": {"w": torch.ones(3)}}, {"epoch": 1})
     path = latest_checkpoint(tmp_path)
     assert read_checkpoint(tmp_path, path)["epoch"] == 0
     blob = bytearray(path.read_bytes())

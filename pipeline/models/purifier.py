@@ -169,6 +169,18 @@ class PurifierSpec:
                 "encoder_convs": self.encoder_convs, "mean": list(self.mean), "std": list(self.std)}
 
     @classmethod
+    def for_config(cls, cfg, shapes: dict, layers) -> "PurifierSpec":
+        """The purifier ``cfg`` asks for (``purifier.fc_repr``, ``f_joint``, ``encoder_convs``; the dataset's image
+        shape and standardisation), conditioned on ``layers`` of shapes ``shapes`` (``pipeline.sizing.layer_shapes``
+        of the classifier)."""
+        from ..data import info
+
+        meta, p = info(cfg.data.dataset), cfg.purifier
+        return cls(image_shape=(meta.channels, meta.size, meta.size),
+                   layer_shapes=tuple((k, tuple(shapes[k])) for k in layers), fc_repr=p.fc_repr, f_joint=p.f_joint,
+                   encoder_convs=p.encoder_convs, mean=tuple(meta.mean), std=tuple(meta.std))
+
+    @classmethod
     def from_json(cls, m: dict) -> "PurifierSpec":
         shapes = m["layer_shapes"]
         order = m.get("layers", list(shapes))
