@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-from tests.conftest import CLF, cli, cli_args
+from tests.conftest import CLF, cli, cli_args, cli_here
 
 
 @pytest.mark.slow
@@ -28,7 +28,7 @@ def test_classifier_train_then_cache_hit_then_file_source(tmp_path, trained_clas
     again = cli("run", "--stage", "classifier", *common)
     assert again.returncode == 0 and "cache hit" in again.stderr and "[ray]" not in again.stderr
 
-    st = cli("status", *common)
+    st = cli_here("status", *common)
     assert st.returncode == 0 and "classifier" in st.stdout and "complete" in st.stdout
 
     # The stored weights, used as a local checkpoint, give the same weights hash (and a new classifier key).

@@ -16,7 +16,7 @@ from pipeline.shards import read_shard
 from pipeline.store import StoreError
 from pipeline.zarr_store import ActivationReader
 from tests import conftest
-from tests.conftest import REPO, cli, cli_args, make_fmnist
+from tests.conftest import REPO, cli_args, cli_here, make_fmnist
 
 TINY = ["attack.n_examples=null", "classifier.train.epochs=1", "classifier.train.batch_size=32", "attack.shard_size=16", "attack.batch_size=8",
         "attack.pgd_steps=5", "activations.chunk_rows=16", "activations.batch_size=32"]
@@ -222,7 +222,7 @@ def test_an_interrupted_stage_resumes_to_identical_output(built, data_dir, tmp_p
 def test_verify_reports_truncated_and_flipped_shards(built, tmp_path):
     store = tmp_path / "store"
     shutil.copytree(built["store"], store)
-    assert cli("verify", "--store", str(store)).returncode == 0
+    assert cli_here("verify", "--store", str(store)).returncode == 0
     shards = sorted(store.glob("fmnist/attacks/*/shard-*.tar"))
     shards = [p for p in shards if p.parent.name == built["outs"]["attacks"].key]
     data = shards[0].read_bytes()
@@ -230,7 +230,7 @@ def test_verify_reports_truncated_and_flipped_shards(built, tmp_path):
     blob = bytearray(shards[1].read_bytes())
     blob[len(blob) // 2] ^= 0x01
     shards[1].write_bytes(bytes(blob))
-    r = cli("verify", "--store", str(store))
+    r = cli_here("verify", "--store", str(store))
     assert r.returncode == 1
     assert f"{shards[0]}: truncated" in r.stderr and f"{shards[1]}: content altered" in r.stderr
 

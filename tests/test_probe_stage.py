@@ -81,7 +81,7 @@ def test_bad_probe_settings_exit_2_in_one_line_before_any_stage(tmp_path, data_d
 
 
 def test_only_names_the_missing_upstream_stage(tmp_path, data_dir):
-    r = cli("run", "--stage", "probes", "--only", *cli_args(tmp_path / "s", data_dir, sets=SETS))
+    r = cli_here("run", "--stage", "probes", "--only", *cli_args(tmp_path / "s", data_dir, sets=SETS))
     errors = [line for line in r.stderr.strip().splitlines() if not line.startswith("[")]
     assert r.returncode == 1 and len(errors) == 1 and "run `--stage classifier` first" in errors[0], r.stderr
 

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests.conftest import REPO, TOY_JOB, cli, cli_args
+from tests.conftest import REPO, TOY_JOB, cli, cli_args, cli_here
 
 
 PROJECT_LINE = re.compile(r"^\[(classifier|attacks|activations|purifier|evaluate|ray|pipeline|sweep)\] ")
@@ -60,9 +60,9 @@ def test_all_then_cache_hits_then_sweep_reuses_upstream(toy, tmp_path):
 
 
 def test_sweep_grid_errors_are_config_errors(tmp_path):
-    r = cli("sweep", "--config", "configs/fmnist.yaml", "--store", str(tmp_path), "--grid", "eval.aggregation=mean")
+    r = cli_here("sweep", "--config", "configs/fmnist.yaml", "--store", str(tmp_path), "--grid", "eval.aggregation=mean")
     assert r.returncode == 2 and "eval.aggregation" in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    r = cli("sweep", "--config", "configs/fmnist.yaml", "--store", str(tmp_path))
+    r = cli_here("sweep", "--config", "configs/fmnist.yaml", "--store", str(tmp_path))
     assert r.returncode == 2 and "--grid" in r.stderr
 
 
