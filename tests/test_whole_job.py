@@ -16,7 +16,8 @@ PROJECT_LINE = re.compile(r"^\[(classifier|attacks|activations|purifier|evaluate
 @pytest.mark.slow
 def test_all_then_cache_hits_then_sweep_reuses_upstream(toy, tmp_path):
     """The shared toy store was made by the CLI (tests/conftest.py ``_build_toy``): `--stage attacks --only` on an
-    empty store, then `--stage attacks`, then `--stage all`. Their consoles are read here; the rest runs on a
+    empty store (the CLI's code run by click in the test process, since it ends before Ray starts), then `--stage
+    attacks`, then `--stage all`. Their consoles are read here; the rest runs on a
     copy of the store."""
     store = tmp_path / "store"
     shutil.copytree(toy.store, store)
