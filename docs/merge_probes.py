@@ -1,6 +1,9 @@
-"""Merge probes.json files of one classifier, probed in parts (disjoint layer lists, same settings), into one table
-and figure in the order of the architecture's default layer list. A layer's numbers do not depend on which other
-layers a run probed (its seed comes from its name), so the merge equals one run over all of them.
+"""Merge probes.json files of one classifier, probed in parts, into one table and figure in the order of the
+architecture's default layer list. A part may cover some of the layers (probes.layers) and some of the probe kinds
+(probes.transfer, probes.robust): a layer's numbers do not depend on which other layers a run probed (its seed
+comes from its name), and its two kinds are fitted and scored from separate seeds (layer seed + 1 for the transfer
+probe, + 2 for the robust one), so the merge equals one run over all of them. Each (layer, kind) must come from
+exactly one part; the parts must agree on the classifier, the scored points and every shared setting.
 
     .venv/bin/python docs/merge_probes.py OUT_STEM PART.json [PART.json ...]
 
@@ -14,20 +17,51 @@ from pathlib import Path
 from pipeline import probe_report
 from pipeline.models import build_classifier
 
+KINDS = ("transfer_probe", "robust_probe")
+
+
+def _merged_settings(parts: list[dict]) -> dict:
+    """The parts' settings, where a kind's settings block is None in the parts that did not fit that kind."""
+    out = dict(parts[0]["settings"])
+    for p in parts[1:]:
+        s = p["settings"]
+        if set(s) != set(out):
+            raise SystemExit("the parts record different settings")
+        for k, v in s.items():
+            if k in KINDS and (out[k] is None or v is None):
+                out[k] = out[k] if v is None else v
+            elif v != out[k]:
+                raise SystemExit(f"the parts differ in setting {k!r}: {out[k]!r} vs {v!r}")
+    return out
+
 
 def merge(parts: list[dict]) -> dict:
     first = parts[0]
     for p in parts[1:]:
-        if p["classifier"] != first["classifier"] or p["arch"] != first["arch"]:
+        if (p["classifier"], p["arch"], p["dataset"]) != (first["classifier"], first["arch"], first["dataset"]):
             raise SystemExit("the parts come from different classifiers or points")
-        if {k: v for k, v in p["settings"].items()} != first["settings"]:
-            raise SystemExit("the parts have different settings")
+    settings = _merged_settings(parts)
     order = build_classifier(first["arch"], first["dataset"], "swish").default_layers()
-    rows = {r["layer"]: r for p in parts for r in p["layers"]}
-    if len(rows) != sum(len(p["layers"]) for p in parts):
-        raise SystemExit("a layer appears in two parts")
+    rows: dict[str, dict] = {}
+    for p in parts:
+        for r in p["layers"]:
+            row = rows.setdefault(r["layer"], {k: v for k, v in r.items() if k not in KINDS and k != "seconds"})
+            if (row["seed"], row["shape"]) != (r["seed"], r["shape"]):
+                raise SystemExit(f"layer {r['layer']}: the parts disagree on its seed or shape")
+            for kind in KINDS:
+                if kind in r:
+                    if kind in row:
+                        raise SystemExit(f"layer {r['layer']}: its {kind} appears in two parts")
+                    row[kind] = r[kind]
+            row["seconds"] = row.get("seconds", 0.0) + r["seconds"]
+    kinds = {k for r in rows.values() for k in KINDS if k in r}
+    missing = [name for name, r in rows.items() if set(k for k in KINDS if k in r) != kinds]
+    if missing:
+        raise SystemExit(f"layers {missing} lack a probe kind that other layers have: {sorted(kinds)}")
     merged = [dict(rows[name], index=i) for i, name in enumerate(n for n in order if n in rows)]
-    return {**first, "layers": merged, "timings": {"parts_s": [p["timings"]["total_s"] for p in parts]}}
+    return {**first, "settings": settings, "layers": merged,
+            "timings": {"parts_s": [p["timings"].get("total_s", sum(p["timings"].get("parts_s", [])))
+                                    for p in parts]}}
 
 
 def main(argv: list[str]) -> int:

@@ -16,6 +16,11 @@ import torch.nn.functional as F
 
 from .attacks import pgd
 from .data import to_float
+from .log import human_rate, human_seconds
+
+# Seconds between progress lines inside an epoch (a WRN epoch on CPU takes a quarter of an hour); runs shorter
+# than that print only their per-epoch lines.
+PROGRESS_EVERY_S = 60.0
 
 
 def build_sgd(model: nn.Module, *, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -48,6 +53,7 @@ def adversarial_train(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, *, 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
     gen = torch.Generator().manual_seed(seed)
     history = []
+    start = last = time.perf_counter()
     for epoch in range(epochs):
         t0, seen, loss_sum, correct = time.perf_counter(), 0, 0.0, 0
         order = torch.randperm(len(x_u8), generator=gen)
@@ -60,6 +66,12 @@ def adversarial_train(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, *, 
             seen += len(idx)
             loss_sum += loss.item() * len(idx)
             correct += (logits.argmax(1) == yb).sum().item()
+            now = time.perf_counter()
+            if now - last >= PROGRESS_EVERY_S and step + 1 < steps_per_epoch:
+                last, done = now, epoch * len(x_u8) + seen
+                rate = done / (now - start)
+                log(f"[classifier] epoch {epoch + 1}/{epochs}: {seen}/{len(x_u8)} examples | "
+                    f"{human_rate(rate, 'examples')} | training ETA {human_seconds((epochs * len(x_u8) - done) / rate)}")
         rec = {"epoch": epoch + 1, "adv_loss": loss_sum / seen, "adv_train_acc": correct / seen,
                "seconds": time.perf_counter() - t0, "lr": sched.get_last_lr()[0]}
         history.append(rec)
@@ -75,12 +87,20 @@ def _predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def accuracy_under_pgd(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, *, eps: float, steps: int,
-                       step_size: float, batch_size: int, seed: int = 0, device: str = "cpu") -> dict:
-    """Clean accuracy and PGD robust accuracy (random start) of ``model`` on the given examples."""
+                       step_size: float, batch_size: int, seed: int = 0, device: str = "cpu",
+                       log: Callable[[str], None] | None = None) -> dict:
+    """Clean accuracy and PGD robust accuracy (random start) of ``model`` on the given examples; with ``log``, a
+    progress line every ``PROGRESS_EVERY_S`` seconds."""
     model.eval().to(device)
     gen = torch.Generator().manual_seed(seed)
     clean = robust = 0
+    start = last = time.perf_counter()
     for i in range(0, len(x_u8), batch_size):
+        now = time.perf_counter()
+        if log is not None and i > 0 and now - last >= PROGRESS_EVERY_S:
+            last, rate = now, i / (now - start)
+            log(f"[classifier] PGD-{steps} test accuracy: {i}/{len(x_u8)} examples | {human_rate(rate, 'examples')} | "
+                f"ETA {human_seconds((len(x_u8) - i) / rate)}")
         xb, yb = to_float(x_u8[i:i + batch_size]).to(device), y[i:i + batch_size].to(device)
         ok = _predict(model, xb) == yb
         xa = pgd(model, xb, yb, eps=eps, steps=steps, step_size=step_size, generator=gen)

@@ -84,7 +84,8 @@ def _obtain(cfg: RunConfig, train_ref, test_ref, out_dir: str, device: str, thre
     model.eval()
     xt, yt = test_ref
     metrics = accuracy_under_pgd(model, xt, yt, eps=t.eps, steps=t.eval_pgd_steps, step_size=t.eval_pgd_step_size,
-                                 batch_size=t.eval_batch_size, seed=t.seed, device=device)
+                                 batch_size=t.eval_batch_size, seed=t.seed, device=device,
+                                 log=lambda line: _append(progress, line))
     save_state_dict(model.cpu(), Path(out_dir) / "model.pt")
     return {**metrics, "history": history}
 
