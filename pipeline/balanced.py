@@ -7,7 +7,9 @@ never rounds to zero per worker (TinyImageNet's 0.01 of 1024 gives 10 adversaria
 
 Order: each worker owns the shards ``k % W == rank``; every epoch it visits them in a fresh random order,
 loads each shard whole (chunks decode whole anyway), and draws batches at random from a shuffle buffer of
-examples. The position of an example in its batch decides its kind, so the input is the stored sample of
+examples. Each example enters the buffer as its own copy, so a shard's memory is freed as soon as it is split
+(otherwise one example left undrawn keeps its whole shard alive: with a WRN's 1.9 MB of activations per example,
+several such shards per worker ran a 24 GB machine out of memory). The position of an example in its batch decides its kind, so the input is the stored sample of
 that kind and the target is the same example's clean image.
 """
 from __future__ import annotations
@@ -63,6 +65,13 @@ class ShardData:
     def n_examples(self) -> int:
         return len(self.images) // len(KINDS)
 
+    def examples(self) -> list["ShardData"]:
+        """One ShardData per example (its rows of every kind), each a copy: none keeps this shard alive."""
+        n = len(KINDS)
+        return [ShardData(images=self.images[n * e:n * e + n].copy(),
+                          acts=None if self.acts is None else {k: a[n * e:n * e + n].copy() for k, a in self.acts.items()})
+                for e in range(self.n_examples)]
+
 
 @dataclass
 class Batch:
@@ -92,9 +101,10 @@ class BalancedBatches:
         with ThreadPoolExecutor(max_workers=1) as prefetch:
             pending = prefetch.submit(self.load_shard, order[0]) if order else None
             for i in range(len(order)):
-                data = pending.result()
+                examples = pending.result().examples()
                 pending = prefetch.submit(self.load_shard, order[i + 1]) if i + 1 < len(order) else None
-                pool += [(data, e) for e in range(data.n_examples)]
+                pool += [(x, 0) for x in examples]
+                del examples
                 while len(pool) >= self.buffer + b and emitted < self.steps:
                     yield self._draw(pool, rng)
                     emitted += 1

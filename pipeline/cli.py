@@ -6,12 +6,13 @@ import os
 import signal
 import sys
 import threading
+import time
 
 import click
 
 from . import preflight, runner
 from .config import load_config
-from .errors import EXIT_FAILED, EXIT_TERMINATED, DiskFull, find_user_error, one_line
+from .errors import EXIT_FAILED, EXIT_TERMINATED, DiskFull, find_user_error, lost_to_ray, one_line
 from .plan import full_disk_line, plan_lines, stopped
 from .sweep import parse_grid, run_sweep, validate
 
@@ -62,6 +63,26 @@ def _on_sigterm(signum, frame):
     raise Terminated()
 
 
+SIGTERM_GRACE_S = 3.0  # how long a lost Ray worker or node waits for a SIGTERM that may be on its way
+
+
+def _sigterm_on_its_way(exc: BaseException) -> bool:
+    """Whether ``exc`` (no SIGTERM seen yet) is the first sign of a SIGTERM to the whole process group, or to the
+    whole job (``ray job stop``, a batch scheduler's cgroup): Ray's workers and raylet get it too, and on a busy
+    machine one of them can die, and the driver's ``ray.get`` raise its loss (an actor died, objects lost), before
+    the driver's own thread that received the signal has run its handler. So a loss to Ray waits up to
+    ``SIGTERM_GRACE_S`` for that handler; anything else (a bug, a user error) is answered at once."""
+    if not lost_to_ray(exc):
+        return False
+    deadline = time.monotonic() + SIGTERM_GRACE_S
+    try:
+        while not _SIGTERM["received"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+    except Terminated:
+        pass
+    return _SIGTERM["received"]
+
+
 def _arm_sigterm() -> None:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_sigterm)
@@ -105,7 +126,7 @@ def _dispatch(fn, *args, job: tuple | None = None, **kwargs):
             raise
         _fail(f"terminated (SIGTERM){f'; {stopped(*job)}' if job else ''}; {resume}", EXIT_TERMINATED)
     except Exception as exc:  # noqa: BLE001
-        if _SIGTERM["received"]:  # what the signal's way out raised (e.g. Ray's, its workers stopped too): not a bug
+        if _SIGTERM["received"] or _sigterm_on_its_way(exc):  # the signal's way out (Ray's workers stopped too)
             _fail(f"terminated (SIGTERM){f'; {stopped(*job)}' if job else ''}; {resume}", EXIT_TERMINATED)
         err = find_user_error(exc)
         if err is None:

@@ -139,24 +139,42 @@ def _links(e: BaseException) -> list:
             *(failures.values() if isinstance(failures, dict) else ()), e.__cause__, e.__context__]
 
 
-def find_user_error(exc: BaseException | None) -> UserError | None:
-    """The first UserError in the chain of ``exc`` (``__cause__``, ``__context__`` and Ray's wrappers, see
-    ``_links``), or None; a bare OSError of a full disk (``FULL``) met first is returned as ``DiskFull``.
-    Ray re-raises a task's exception as a class deriving from both RayTaskError and the original class; its
-    ``cause`` is the original, whose message is the one line we want."""
+def _chain(exc: BaseException | None):
+    """``exc`` and every exception it wraps (``_links``), depth first, each once."""
     seen, stack = set(), [exc]
     while stack:
         e = stack.pop()
         if not isinstance(e, BaseException) or id(e) in seen:
             continue
         seen.add(id(e))
+        yield e
+        stack += reversed(_links(e))
+
+
+def find_user_error(exc: BaseException | None) -> UserError | None:
+    """The first UserError in the chain of ``exc`` (``__cause__``, ``__context__`` and Ray's wrappers, see
+    ``_links``), or None; a bare OSError of a full disk (``FULL``) met first is returned as ``DiskFull``.
+    Ray re-raises a task's exception as a class deriving from both RayTaskError and the original class; its
+    ``cause`` is the original, whose message is the one line we want."""
+    for e in _chain(exc):
         if not type(e).__module__.startswith("ray"):
             if isinstance(e, UserError):
                 return e
             if is_disk_full(e):
                 return disk_full(e)
-        stack += reversed(_links(e))
     return None
+
+
+# Ray's errors for a process or node that went away (not an exception raised by the project's code in a task)
+_RAY_LOSSES = ("RayActorError", "ActorUnavailableError", "ObjectLostError", "WorkerCrashedError", "NodeDiedError",
+               "LocalRayletDiedError", "RaySystemError")
+
+
+def lost_to_ray(exc: BaseException | None) -> bool:
+    """Whether the chain of ``exc`` holds one of Ray's errors for a lost worker, actor, object or node (their
+    subclasses included: ``ActorDiedError``, ``OwnerDiedError``, ...)."""
+    return any(c.__module__.startswith("ray") and c.__name__ in _RAY_LOSSES
+               for e in _chain(exc) for c in type(e).__mro__)
 
 
 def one_line(err: BaseException) -> str:

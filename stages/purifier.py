@@ -10,14 +10,17 @@ from the store's latest checkpoint, bit-identical to an uninterrupted run with t
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from pipeline.balanced import BalancedBatches, steps_per_epoch, worker_kinds
+from pipeline.kinds import N_KINDS
 from pipeline.cluster import cluster_gpus, cpus_per_node, prepare_worker
 from pipeline.context import Context, classifier_identity, conditioning_layers
 from pipeline.errors import UserError, find_user_error
@@ -36,7 +39,13 @@ CKPT_DIR = "checkpoints"
 # alters what the stage writes.
 # 2: the encoder reads the (possibly perturbed) input, not the clean target; purifier.pt holds Lookahead's
 #    slow weights; metrics carry the per-dimension KL.
-VERSION = 2
+# 3: a worker's shuffle buffer holds at most BUFFER_BYTES of cached activations (``buffer_examples``). The bytes
+#    are unchanged where that cap does not bind (the default's 0.2 MB per example: 2,500 examples, 0.55 GB); it
+#    binds for the WRN (1.9 MB per example), whose older code could not finish on 24 GB, and the bump keeps an
+#    older output of such a config (trained with a larger buffer elsewhere) from being served under this code.
+VERSION = 3
+# Per worker: the shuffle buffer's cached activations (beside it, up to one loaded shard and the next one loading).
+BUFFER_BYTES = 1024 ** 3
 UPSTREAM = ("classifier", "attacks", "activations")
 
 
@@ -266,6 +275,23 @@ def model_spec(ctx: Context, layers: list[str]) -> PurifierSpec:
     return PurifierSpec.for_config(ctx.cfg, shapes, layers)
 
 
+def example_bytes(ctx: Context, layers: list[str]) -> int:
+    """Cached activations of one training example (its rows of every kind) as stored."""
+    up = ctx.upstream("classifier").manifest()
+    shapes = layer_shapes(up["arch"], ctx.cfg.data.dataset, up["activation"], layers)
+    row = sum(math.prod(s) for s in shapes.values()) * np.dtype(ctx.cfg.activations.dtype).itemsize
+    return N_KINDS * row
+
+
+def buffer_examples(per_worker_batch: int, shard_size: int, worker_examples: int, per_example: int) -> int:
+    """The shuffle buffer of one worker: four shards or half its examples, at least one batch, and at most
+    ``BUFFER_BYTES`` of cached activations (``per_example`` bytes each; 0 when they are recomputed)."""
+    n = min(4 * shard_size, worker_examples // 2)
+    if per_example:
+        n = min(n, BUFFER_BYTES // per_example)
+    return max(per_worker_batch, n)
+
+
 def run(ctx: Context, out: Output) -> None:
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -293,8 +319,9 @@ def run(ctx: Context, out: Output) -> None:
     job = TrainJob(purifier=p, model=model_spec(ctx, layers), source=p.activations_source,
                    attacks_dir=str(attacks.dir.resolve()), out_dir=str(out.dir.resolve()),
                    examples_per_shard=tuple(examples), steps=steps, threads=threads,
-                   buffer_examples=max(p.batch_size // workers, min(4 * cfg.attack.shard_size, sum(examples) // workers // 2)),
-                   cache_bytes=2 * 1024 ** 3, dtype=cfg.activations.dtype, act_precision=cfg.activations.precision,
+                   buffer_examples=buffer_examples(p.batch_size // workers, cfg.attack.shard_size, sum(examples) // workers,
+                                                   example_bytes(ctx, layers) if cache else 0),
+                   cache_bytes=1024 ** 3, dtype=cfg.activations.dtype, act_precision=cfg.activations.precision,
                    activations_dir=str(ctx.upstream("activations").dir.resolve()) if cache else None,
                    classifier=None if cache else classifier_payload(ctx.upstream("classifier"), cfg.data.dataset))
     latest = latest_checkpoint(out.dir)

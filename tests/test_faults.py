@@ -309,3 +309,30 @@ def test_sigterm_mid_stage_exits_143_in_one_line_leaving_no_process_and_the_reru
         assert not (out / "manifest.json").exists() and not leftovers(out)
         if group:
             assert f"resuming {out}: " in stderr  # the rerun picked up the first run's finished units
+
+
+# A driver whose ray.get raised a lost worker (Ray's own exception class) and whose SIGTERM lands a moment later,
+# as a group SIGTERM can on a busy machine: the signal is sent from a thread `delay` seconds after the loss.
+_LOSS_THEN_SIGTERM = """
+import os, signal, sys, threading
+from ray.exceptions import ActorDiedError
+from pipeline import cli
+cli._catch_sigterm()
+def stage():
+    if float(sys.argv[1]) >= 0:
+        threading.Timer(float(sys.argv[1]), os.kill, (os.getpid(), signal.SIGTERM)).start()
+    raise ActorDiedError()
+cli._dispatch(stage)
+"""
+
+
+@pytest.mark.parametrize("delay, code", [(0.5, 143), (-1, 1)])
+def test_a_lost_worker_before_the_drivers_own_sigterm_still_exits_143(delay, code):
+    """The race behind a group SIGTERM's exit 1: Ray's worker died of the signal and the driver saw the loss first.
+    A loss to Ray waits (up to ``SIGTERM_GRACE_S``) for a SIGTERM on its way; with none, it is the bug it was."""
+    r = subprocess.run([sys.executable, "-c", _LOSS_THEN_SIGTERM, str(delay)], cwd=REPO, capture_output=True,
+                       text=True, timeout=120)
+    if code == 143:
+        one_line(r.returncode, r.stderr, 143, "terminated (SIGTERM)", "run the same command again to resume")
+    else:
+        assert r.returncode == 1 and "ActorDiedError" in r.stderr and "Traceback" in r.stderr, r.stderr[-3000:]

@@ -104,6 +104,37 @@ def _synthetic_shards(n_shards=4, per_shard=20):
     return shards
 
 
+def test_a_split_shard_is_freed_and_the_buffer_is_capped_by_its_bytes():
+    """The shuffle buffer holds copies of its examples, so a shard is freed once split (were the pool to hold
+    views, one undrawn example would keep its whole shard: the WRN's purifier ran 24 GB out of memory so); and a
+    worker's buffer holds at most BUFFER_BYTES of cached activations, a cap the default's 0.2 MB per example does
+    not reach."""
+    import gc
+    import weakref
+
+    from stages.purifier import BUFFER_BYTES, buffer_examples
+    refs = []
+
+    def load(k):
+        data = _synthetic_shards()[k]
+        data = ShardData(images=data.images.copy(), acts={n: a.copy() for n, a in data.acts.items()})
+        refs.append(weakref.ref(data.images))  # the array that owns its bytes: a view of it keeps it alive
+        return data
+
+    bb = BalancedBatches(load, 4, batch_size=8, adv_fraction=0.5, workers=1, rank=0, steps=steps_per_epoch([20] * 4, 8, 1),
+                         buffer_examples=30, seed=0)
+    alive = []
+    for b in bb.epoch(0):
+        gc.collect()
+        alive.append(sum(r() is not None for r in refs))
+        assert b.acts["l"].shape == (8, 1, 1, 1)
+    assert len(alive) == 10 and max(alive) <= 1, alive  # at most the shard loading next, never a drained one
+    default = 219_605  # B per example of configs/fmnist.yaml (pipeline plan); the WRN-16-2's 14 layers: 1,944,405
+    assert buffer_examples(128, 1000, 5000, default) == buffer_examples(128, 1000, 5000, 0) == 2500
+    assert buffer_examples(128, 1000, 5000, 1_944_405) == BUFFER_BYTES // 1_944_405 == 552
+    assert buffer_examples(128, 1000, 5000, 10 ** 10) == 128  # never less than one batch
+
+
 def test_balanced_batches_rows_and_fractions():
     shards = _synthetic_shards()
     steps = steps_per_epoch([20] * 4, 8, 2)
