@@ -12,7 +12,7 @@ import click
 
 from . import preflight, runner
 from .config import load_config
-from .errors import EXIT_FAILED, EXIT_TERMINATED, DiskFull, find_user_error, lost_to_ray, one_line
+from .errors import EXIT_FAILED, EXIT_TERMINATED, DiskFull, find_user_error, lost_to_ray, one_line, out_of_memory
 from .plan import full_disk_line, plan_lines, stopped
 from .sweep import parse_grid, run_sweep, validate
 
@@ -129,6 +129,12 @@ def _dispatch(fn, *args, job: tuple | None = None, **kwargs):
         if _SIGTERM["received"] or _sigterm_on_its_way(exc):  # the signal's way out (Ray's workers stopped too)
             _fail(f"terminated (SIGTERM){f'; {stopped(*job)}' if job else ''}; {resume}", EXIT_TERMINATED)
         err = find_user_error(exc)
+        if err is None and (memory := out_of_memory(exc)) is not None:
+            where = f"the {job[1]} stage's" if job else "its"
+            _fail(f"out of memory: Ray stopped {where} worker(s), the node running low on memory"
+                  f"{f' ({memory})' if memory else ''}; {stopped(*job) + '; ' if job else ''}run fewer workers per node "
+                  f"(--set purifier.workers=N for the purifier, --workers N for the other stages) or give it more "
+                  f"memory, then {resume}", EXIT_FAILED)
         if err is None:
             raise
         if isinstance(err, DiskFull):
@@ -197,7 +203,7 @@ def run(config, stage, only, rebuild, overrides, store, ray_address, workers, no
     """Run a stage (and what it needs) or all, for a config; finished outputs are reused, partial ones resumed.
 
     \b
-    Exit codes: 0 done; 1 bad data, a bad store file or a full disk;
+    Exit codes: 0 done; 1 bad data, a bad store file, a full disk or a node out of memory;
     2 a bad config, or a store too small for the stages about to run
     (--no-space-check); 130 Ctrl-C; 143 SIGTERM. After 1, 130 or 143
     the same command resumes from the finished units."""

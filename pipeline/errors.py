@@ -177,6 +177,19 @@ def lost_to_ray(exc: BaseException | None) -> bool:
                for e in _chain(exc) for c in type(e).__mro__)
 
 
+def out_of_memory(exc: BaseException | None) -> str | None:
+    """Ray's memory monitor killed a worker (``OutOfMemoryError``, or Ray Train's failure that quotes it): the
+    node's use against its limit as Ray measured it (``22.43GB used / 23.54GB limit``), "" where Ray gave none;
+    None for any other error."""
+    for e in _chain(exc):
+        text = str(e)
+        if (type(e).__name__ == "OutOfMemoryError" and type(e).__module__.startswith("ray")) \
+                or "running low on memory" in text:
+            m = re.search(r"was ([\d.]+ ?GB) used / ([\d.]+ ?GB) limit", text)
+            return f"{m.group(1)} used / {m.group(2)} limit" if m else ""
+    return None
+
+
 def one_line(err: BaseException) -> str:
     lines = str(err).strip().splitlines()
     return lines[0] if lines else type(err).__name__

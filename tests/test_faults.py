@@ -336,3 +336,21 @@ def test_a_lost_worker_before_the_drivers_own_sigterm_still_exits_143(delay, cod
         one_line(r.returncode, r.stderr, 143, "terminated (SIGTERM)", "run the same command again to resume")
     else:
         assert r.returncode == 1 and "ActorDiedError" in r.stderr and "Traceback" in r.stderr, r.stderr[-3000:]
+
+
+_RAY_OOM = """
+from ray.exceptions import OutOfMemoryError
+from ray.train import ControllerError
+from pipeline import cli
+def stage():
+    raise ControllerError(OutOfMemoryError("4 worker(s) were killed due to the node running low on memory. Memory on "
+                          "the node (IP: 10.0.0.1, ID: ab) was 22.43GB used / 23.54GB limit (0.952993)"))
+cli._dispatch(stage)
+"""
+
+
+def test_ray_killing_workers_for_memory_is_one_line_naming_the_use_and_what_to_change():
+    """Ray Train's failure as the WRN's purifier met it (Ray's own classes, Ray's message): one line, exit 1."""
+    r = subprocess.run([sys.executable, "-c", _RAY_OOM], cwd=REPO, capture_output=True, text=True, timeout=120)
+    one_line(r.returncode, r.stderr, 1, "out of memory: Ray stopped its worker(s)", "(22.43GB used / 23.54GB limit)",
+             "purifier.workers", "run the same command again to resume")
