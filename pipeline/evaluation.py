@@ -353,19 +353,26 @@ def classifier_baseline(classifier, x: torch.Tensor, y: torch.Tensor, ev, seed: 
 
 
 def evaluate_chunk(classifier, carso, x: torch.Tensor, y: torch.Tensor, ev, seed: int, device: str,
-                   keep_examples: int = 0, baseline: dict | None = None) -> dict:
+                   keep_examples: int = 0, baseline: dict | None = None,
+                   done: Callable[[str], None] = lambda what: None) -> dict:
     """All evaluations of one chunk. Returns JSON-serialisable per-point outcomes and settings. ``baseline``:
     the chunk's ``classifier_baseline`` when already known (it is computed here otherwise). ``keep_examples``:
-    also return that many points' inputs, randAA points and reconstructions (for the report's figures)."""
+    also return that many points' inputs, randAA points and reconstructions (for the report's figures).
+    ``done(what)`` is called after each part (progress: a WRN's chunk runs for most of an hour on a CPU core)."""
     x, y = x.to(device), y.to(device)
     out: dict = {"n": len(y), "seed": seed}
-    out.update(baseline if baseline is not None else classifier_baseline(classifier, x, y, ev, seed, device))
+    if baseline is None:
+        baseline = classifier_baseline(classifier, x, y, ev, seed, device)
+        done("the classifier's standard AutoAttack")
+    out.update(baseline)
     torch.manual_seed(seed)
     carso_clean = fresh_draws(carso, x, y, ev.fresh_draws, ev.batch_size)
     out["carso_clean"] = carso_clean.int().tolist()
     clean_ok = carso_clean.all(0)  # a point any clean draw gets wrong counts as not robust
     out["carso_clean_ok"] = clean_ok.int().tolist()
     out["diagnostics"] = diagnostics(classifier, carso, x, y, ev, seed)
+    done("CARSO's clean draws and the diagnostics")
+    labels = {a.name: a.label or f"{a.name} check (randAA at eps {ev.obfuscation_eps:g})" for a in CARSO_ATTACKS}
     for i, attack in enumerate(carso_attacks(ev, seed, device)):
         adv = attack.run(carso, x, y)
         rec: dict = {} if adv.runner is None else {"runner": ((adv.runner == y) & clean_ok).int().tolist()}
@@ -378,6 +385,7 @@ def evaluate_chunk(classifier, carso, x: torch.Tensor, y: torch.Tensor, ev, seed
         out[attack.name] = rec
         if i == 0 and keep_examples:  # the first attack's points (randAA) illustrate the report
             out["examples"] = _examples(carso, x, adv.x, keep_examples)
+        done(labels.get(attack.name, attack.name))
     return out
 
 

@@ -22,7 +22,7 @@ from pipeline.context import Context, classifier_identity, data_identity
 from pipeline.data import DataError, load_split, to_float
 from pipeline.defense import CarsoWeights
 from pipeline.evaluation import SEED_OFFSETS, check_backend, classifier_baseline, evaluate_chunk
-from pipeline.log import Progress
+from pipeline.log import Follow, Progress, human_seconds
 from pipeline.models import classifier_payload
 from pipeline.models.purifier import PurifierSpec
 from pipeline.store import (
@@ -39,6 +39,7 @@ from stages import _pool
 from stages._pool import unbox
 
 GRID_EXAMPLES = 8
+PROGRESS = "progress.log"  # a running evaluation's lines, one per finished part of a chunk (removed at the end)
 
 
 # Code version of this stage, part of its store key (pipeline.context.Context.key): bump it whenever a change
@@ -117,13 +118,25 @@ def evaluate_task(weights_box, data_box, out_dir: str, c: int, lo: int, hi: int,
     x, y = unbox(data_box)
     t0 = time.perf_counter()
     xc, yc, seed = to_float(x[lo:hi]), y[lo:hi], chunk_seed(ev.seed, ev.first_example + lo)
+    out = Output(Path(out_dir), "evaluate", "")
+    first = ev.first_example + lo
+
+    def done(what: str) -> None:  # one line for the driver to print (PROGRESS); whole lines, appended at once
+        line = (f"[evaluate] chunk {c} (test points {first}-{first + hi - lo - 1}): {what} done, "
+                f"{human_seconds(time.perf_counter() - t0)} into the chunk\n")
+        try:
+            with open(out.dir / PROGRESS, "a") as f:
+                f.write(line)
+        except OSError:  # progress only: a full disk is reported by the chunk's own write
+            pass
+
     baseline = read_sealed_json(Path(baseline_file))
     if baseline is None:
         baseline = classifier_baseline(classifier, xc, yc, ev, seed, device)
         write_sealed_json(Path(baseline_file), baseline)
+        done("the classifier's standard AutoAttack")
     res = evaluate_chunk(classifier, carso, xc, yc, ev, seed, device, keep_examples=GRID_EXAMPLES if c == 0 else 0,
-                         baseline=baseline)
-    out = Output(Path(out_dir), "evaluate", "")
+                         baseline=baseline, done=done)
     files = []
     ex = res.pop("examples", None)
     if ex is not None:
@@ -183,12 +196,14 @@ def run(ctx: Context, out: Output) -> None:
                            str(baseline_path(ctx, first + lo, first + hi, chunk_seed(ev.seed, first + lo)).resolve()))
                for c, lo, hi in todo]
     training = pur.manifest()["final_metrics"]
-    while pending:
-        ready, pending = ray.wait(pending, num_returns=1)
-        progress.update(ray.get(ready[0])["n"])
-        if pending:  # the numbers so far, so a long evaluation stopped early still tells what it measured
-            finished = [ch for ch in chunks if f"chunk-{ch[0]:04d}" in out.done_units()]
-            ctx.log(f"[evaluate] so far, {report.running_line(report.merge(out, cfg, finished, training=training))}")
+    with Follow(out.dir / PROGRESS, ctx.log, every=5.0):  # each chunk's parts as they finish
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            progress.update(ray.get(ready[0])["n"])
+            if pending:  # the numbers so far, so a long evaluation stopped early still tells what it measured
+                finished = [ch for ch in chunks if f"chunk-{ch[0]:04d}" in out.done_units()]
+                ctx.log(f"[evaluate] so far, {report.running_line(report.merge(out, cfg, finished, training=training))}")
+    (out.dir / PROGRESS).unlink(missing_ok=True)
 
     results = report.merge(out, cfg, chunks, training=training)
     results["timings"] = {"total_s": time.perf_counter() - t0}

@@ -37,7 +37,14 @@ def _chunks(out):
 
 @pytest.mark.slow
 def test_two_workers_equal_one_worker_and_outputs(store, data_dir, tmp_path):
-    two = runner.run(make_ctx(store, data_dir, workers=2), "evaluate")[0]
+    lines = []
+    two = runner.run(make_ctx(store, data_dir, workers=2, log=lines.append), "evaluate")[0]
+    # Progress inside a chunk: a line per finished part, each chunk's attacks in order; the file goes at the end.
+    parts = [line.split(": ", 1)[1].split(" done, ")[0] for line in lines if line.startswith("[evaluate] chunk 1 (")]
+    assert parts == ["the classifier's standard AutoAttack", "CARSO's clean draws and the diagnostics", "C/randAA",
+                     "PGD+EOT", "obfuscation check (randAA at eps 0.95)"], lines
+    assert any(line.startswith("[evaluate] chunk 2 (test points 8-11): C/randAA done, ") for line in lines), lines
+    assert not (two.dir / "progress.log").exists()
     copy = tmp_path / "store"
     shutil.copytree(store, copy, ignore=shutil.ignore_patterns("evaluate"))
     one = runner.run(make_ctx(copy, data_dir, workers=1), "evaluate")[0]
