@@ -1,17 +1,20 @@
-"""The evaluation's speed, code against code and layout against layout, side by side in one run: one evaluation chunk
-(``pipeline.evaluation.evaluate_chunk``: CARSO's clean draws, its diagnostics, randomised AutoAttack and PGD+EOT)
-on the same stored models, test points and settings, each variant in a process of its own, the variants
-alternating round after round (these machines are noisy: read the ratios). The classifier-alone baseline
-(clean + standard AutoAttack) is timed apart, once per variant, since a sweep computes it once and reuses it.
+"""The evaluation's speed, code against code and layout against layout, side by side in one run: the evaluation of a
+few test points (``pipeline.evaluation.evaluate_chunk``: CARSO's clean draws, its diagnostics, randomised AutoAttack
+and PGD+EOT) on the same stored models, test points and settings, each variant in a process of its own, the variants
+alternating round after round (these machines are noisy: read the ratios), or with ``--parallel`` running at the
+same time, one process each, as the evaluation's workers share a machine. The classifier-alone baseline (clean +
+standard AutoAttack) is timed apart, since a sweep computes it once and reuses it.
 
 Variants: ``ref`` (the code of a git revision, checked out with ``git worktree`` and imported from there),
 ``reference`` and ``fast`` (this checkout's ``eval.kernels``: as written, or channels-last with the purifier's
-BatchNorms folded).
-Each variant's per-point outcomes are compared with the first one's: ``identical`` or the number of points whose
-outcome differs, and each variant's C/randAA accuracy on the chunk.
+BatchNorms folded), each optionally ``@N``: the points in chunks of N (``eval.chunk_size``), each chunk seeded as the
+pipeline seeds it (by its first point's absolute index), instead of all in one chunk.
+Each variant's outcomes are compared with the first one's (``identical``, or which fields differ; another chunk
+layout draws other seeds), and each variant's C/randAA accuracy on the points.
 
     .venv/bin/python bench/eval_speed.py --store runs --config configs/fmnist.yaml [--set KEY=VALUE ...]
         [--first 5000] [--points 10] [--rounds 2] [--ref c46fa94^] [--variants ref,reference,fast]
+        [--threads T] [--parallel]
 
 The store must hold the config's classifier and purifier (``pipeline run --stage purifier``). Prints JSON.
 """
@@ -41,7 +44,7 @@ from pipeline.evaluation import classifier_baseline, evaluate_chunk
 from pipeline.models import StoredClassifier
 from pipeline.models.purifier import PurifierSpec
 
-d, kernels, threads = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+d, kernels, threads, chunk = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 prepare_worker(threads)
 meta = json.loads((d / "meta.json").read_text())
 known = {f.name for f in __import__("dataclasses").fields(EvalConfig)}
@@ -54,13 +57,17 @@ classifier, carso = weights.build("cpu", samples=ev.samples, aggregation=ev.aggr
 torch.set_grad_enabled(True)
 x = torch.from_numpy(np.load(d / "x.npy")).float() / 255
 y = torch.from_numpy(np.load(d / "y.npy")).long()
-t0 = time.perf_counter()
-baseline = classifier_baseline(classifier, x, y, ev, meta["seed"], "cpu")
-t1 = time.perf_counter()
-res = evaluate_chunk(classifier, carso, x, y, ev, meta["seed"], "cpu", baseline=baseline)
-t2 = time.perf_counter()
+base_s = chunk_s = 0.0
+results = []
+for i in range(0, len(y), chunk):  # the points in chunks of ``chunk``, each seeded as the pipeline seeds it
+    xs, ys, seed = x[i:i + chunk], y[i:i + chunk], meta["seeds"][i]
+    t0 = time.perf_counter()
+    baseline = classifier_baseline(classifier, xs, ys, ev, seed, "cpu")
+    t1 = time.perf_counter()
+    results.append(evaluate_chunk(classifier, carso, xs, ys, ev, seed, "cpu", baseline=baseline))
+    base_s, chunk_s = base_s + t1 - t0, chunk_s + time.perf_counter() - t1
 import pipeline
-print(json.dumps({"baseline_s": t1 - t0, "chunk_s": t2 - t1, "result": res, "code": pipeline.__file__}))
+print(json.dumps({"baseline_s": base_s, "chunk_s": chunk_s, "result": results, "code": pipeline.__file__}))
 """
 
 
@@ -90,7 +97,8 @@ def export(args, folder: Path) -> dict:
     np.save(folder / "y.npy", y[args.first:args.first + args.points].numpy())
     meta = {"arch": payload.arch, "activation": payload.activation, "dataset": payload.dataset,
             "sha256": payload.weights_sha256, "purifier": pur.manifest()["model"],
-            "eval": dataclasses.asdict(cfg.eval), "seed": chunk_seed(cfg.eval.seed, args.first)}
+            "eval": dataclasses.asdict(cfg.eval),
+            "seeds": [chunk_seed(cfg.eval.seed, args.first + i) for i in range(args.points)]}
     (folder / "meta.json").write_text(json.dumps(meta))
     return meta
 
@@ -101,14 +109,30 @@ def checkout(rev: str, folder: Path) -> Path:
     return path
 
 
-def accuracies(res: dict) -> dict:
-    """Each CARSO attack's fresh-draw mean accuracy on the chunk (its ``fresh`` rows: draws x points)."""
-    out = {}
-    for name, rec in res.items():
-        if isinstance(rec, dict) and "fresh" in rec:
-            rows = rec["fresh"]
-            out[name] = round(sum(map(sum, rows)) / sum(map(len, rows)), 4)
-    return out
+def accuracies(results: list[dict]) -> dict:
+    """Each CARSO attack's fresh-draw mean accuracy on the points (its ``fresh`` rows: draws x points, per chunk)."""
+    hits: dict[str, list[int]] = {}
+    for res in results:
+        for name, rec in res.items():
+            if isinstance(rec, dict) and "fresh" in rec:
+                h = hits.setdefault(name, [0, 0])
+                h[0] += sum(map(sum, rec["fresh"]))
+                h[1] += sum(map(len, rec["fresh"]))
+    return {name: round(h[0] / h[1], 4) for name, h in hits.items()}
+
+
+def parse_variant(text: str, default_chunk: int) -> tuple[str, str, int]:
+    """``kernels[@chunk]`` -> (label, kernels, chunk size)."""
+    kernels, _, chunk = text.partition("@")
+    if kernels not in ("ref", "reference", "fast"):
+        sys.exit(f"error: --variants: unknown variant {kernels!r} (choose from ref, reference, fast)")
+    try:
+        size = int(chunk) if chunk else default_chunk
+    except ValueError:
+        size = 0
+    if size < 1:
+        sys.exit(f"error: --variants: {text!r}: the chunk size after '@' must be a positive integer")
+    return text, kernels, size
 
 
 def main() -> None:
@@ -122,29 +146,44 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--ref", default="c46fa94^", help="git revision run as the reference (default: the code "
                                                        "before bench/efficiency.py, issue 27's filing)")
-    ap.add_argument("--variants", default="ref,reference,fast")
+    ap.add_argument("--variants", default="ref,reference,fast",
+                    help="comma-separated; each 'kernels' or 'kernels@chunk' (the points in chunks of that size, "
+                         "default all in one)")
+    ap.add_argument("--parallel", action="store_true",
+                    help="run each round's variants at the same time, one process each (as the evaluation's "
+                         "workers share a machine), instead of one after the other")
     args = ap.parse_args()
-    variants = args.variants.split(",")
+    specs = {label: (kernels, size) for label, kernels, size in
+             (parse_variant(v, args.points) for v in args.variants.split(","))}
+    variants = list(specs)
     with tempfile.TemporaryDirectory(prefix="eval-speed-") as tmp:
         folder = Path(tmp)
         meta = export(args, folder)
         code = {"reference": REPO, "fast": REPO}
-        if "ref" in variants:
+        if any(k == "ref" for k, _ in specs.values()):
             code["ref"] = checkout(args.ref, folder)
         try:
             runs: dict[str, list[dict]] = {v: [] for v in variants}
             for r in range(args.rounds):
-                for v in variants:
-                    env = {**os.environ, "PYTHONPATH": str(code[v])}
-                    p = subprocess.run([sys.executable, "-c", WORKER, str(folder), v,
-                                        str(args.threads)], cwd=code[v], env=env, capture_output=True, text=True)
-                    if p.returncode != 0:
-                        sys.exit(f"error: variant {v}: {p.stderr.strip().splitlines()[-1] if p.stderr else p.returncode}")
-                    runs[v].append(json.loads(p.stdout.strip().splitlines()[-1]))
-                    if not Path(runs[v][-1]["code"]).resolve().is_relative_to(Path(code[v]).resolve()):
-                        sys.exit(f"error: variant {v} imported {runs[v][-1]['code']}, not its checkout {code[v]}")
-                    print(f"[eval_speed] round {r + 1}/{args.rounds} {v}: chunk {runs[v][-1]['chunk_s']:.1f} s, "
-                          f"baseline {runs[v][-1]['baseline_s']:.1f} s", file=sys.stderr, flush=True)
+                batches = [variants] if args.parallel else [[v] for v in variants]
+                for batch in batches:
+                    procs = {}
+                    for v in batch:
+                        kernels, size = specs[v]
+                        env = {**os.environ, "PYTHONPATH": str(code[kernels])}
+                        procs[v] = subprocess.Popen([sys.executable, "-c", WORKER, str(folder), kernels,
+                                                     str(args.threads), str(size)], cwd=code[kernels], env=env,
+                                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                    for v, p in procs.items():
+                        out, err = p.communicate()
+                        if p.returncode != 0:
+                            sys.exit(f"error: variant {v}: {err.strip().splitlines()[-1] if err else p.returncode}")
+                        runs[v].append(json.loads(out.strip().splitlines()[-1]))
+                        where = code[specs[v][0]]
+                        if not Path(runs[v][-1]["code"]).resolve().is_relative_to(Path(where).resolve()):
+                            sys.exit(f"error: variant {v} imported {runs[v][-1]['code']}, not its checkout {where}")
+                        print(f"[eval_speed] round {r + 1}/{args.rounds} {v}: evaluation {runs[v][-1]['chunk_s']:.1f} s, "
+                              f"baseline {runs[v][-1]['baseline_s']:.1f} s", file=sys.stderr, flush=True)
         finally:
             if "ref" in code:
                 subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(code["ref"])])
@@ -155,16 +194,20 @@ def main() -> None:
         chunk = statistics.median(r["chunk_s"] for r in runs[v])
         res = runs[v][0]["result"]
         same = res == ref_out
-        rec = {"chunk_s": [round(r["chunk_s"], 2) for r in runs[v]], "chunk_median_s": round(chunk, 2),
+        rec = {"evaluation_s": [round(r["chunk_s"], 2) for r in runs[v]], "evaluation_median_s": round(chunk, 2),
                "baseline_s": [round(r["baseline_s"], 2) for r in runs[v]],
                "speedup_vs_" + first: round(statistics.median(r["chunk_s"] for r in runs[first]) / chunk, 3),
                "outcomes_vs_" + first: "identical" if same else "differ",
                "accuracy": accuracies(res)}
-        if not same:
-            rec["differing_fields"] = sorted(k for k in set(res) | set(ref_out) if res.get(k) != ref_out.get(k))
+        if not same and len(res) == len(ref_out):
+            rec["differing_fields"] = sorted({k for a, b in zip(res, ref_out) for k in set(a) | set(b)
+                                              if a.get(k) != b.get(k)})
+        elif not same:
+            rec["differing_fields"] = "another chunk layout (other chunk seeds)"
         report[v] = rec
     print(json.dumps({"config": args.config, "sets": args.set, "points": [args.first, args.first + args.points],
-                      "threads": args.threads, "ref": args.ref, "samples": meta["eval"]["samples"],
+                      "threads": args.threads, "parallel": args.parallel, "ref": args.ref,
+                      "chunk_sizes": {v: specs[v][1] for v in variants}, "samples": meta["eval"]["samples"],
                       "eval": {k: meta["eval"][k] for k in ("aa_steps", "aa_eot", "pgd_eot_steps", "pgd_eot_iters",
                                                              "fresh_draws", "eps")},
                       "variants": report}, indent=1))
