@@ -94,8 +94,10 @@ def _catch_sigterm() -> None:
     which prints its stack dump (``*** SIGTERM received ...``, ``PC: @ ...``) to the console. So the handler is
     installed again right after every ``ray.init`` of this process, through Ray's post-init hooks (the list Ray's
     own libraries register with; were it gone, SIGTERM would still stop the run, with Ray's dump and exit code).
-    Ray's other processes keep Ray's handler: a SIGTERM sent to the whole process group puts their dumps in
-    Ray's log files, copied into <store>/logs/."""
+    Ray's other processes keep Ray's handler; a local instance's run outside the driver's process group
+    (``cluster.connect``), so a SIGTERM to that group reaches the driver alone. One sent to every process of the
+    job (a scheduler's cgroup, a cluster's nodes) puts their dumps in Ray's log files, copied into
+    <store>/logs/."""
     _arm_sigterm()
     try:
         from ray._private import worker

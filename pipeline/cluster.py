@@ -19,6 +19,24 @@ MALLOC_MMAP_THRESHOLD = 32 << 20
 MALLOC_TRIM_THRESHOLD = 64 << 20
 
 
+_STARTING_LOCAL = {"on": False}
+
+
+def _own_process_group() -> None:
+    """In a child forked while ``connect`` starts a local Ray instance (Ray starts its GCS, raylet and monitors
+    through ``subprocess`` with a ``preexec_fn``, which runs Python's at-fork hooks): a process group of its own,
+    which the raylet's workers inherit. See ``connect``."""
+    if _STARTING_LOCAL["on"]:
+        try:
+            os.setpgid(0, 0)
+        except OSError:  # pragma: no cover - already a group leader
+            pass
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_own_process_group)
+
+
 def connect(address: str | None, log=print, verbose: bool = False) -> None:
     """Start a local Ray instance (``address=None``) or join a cluster (``'auto'`` or ``'ray://host:port'``).
     Unless ``verbose``, Ray's own output (its workers' stdout and stderr, Ray Train's reports, its warnings) stays
@@ -34,7 +52,17 @@ def connect(address: str | None, log=print, verbose: bool = False) -> None:
     kwargs = dict(include_dashboard=False, logging_level=logging.WARNING if verbose else logging.ERROR,
                   log_to_driver=verbose)
     if address in (None, "", "local"):
-        ray.init(num_cpus=os.cpu_count(), **kwargs)
+        # A local instance's processes run outside the driver's process group: a SIGTERM to that group (`timeout`,
+        # a shell's job control, a scheduler that signals the job's group) then reaches the driver alone, whose
+        # handler (pipeline.cli) stops the stage and then Ray, in that order. Were Ray's processes signalled too,
+        # the GCS and raylet could exit while the driver still talks to them, and the driver end with exit 1 and
+        # no last line (a race, rare, likelier on a loaded machine). They still end with the driver:
+        # Ray ties them to it (kernel fate-sharing) and ``stop_local`` waits for them.
+        _STARTING_LOCAL["on"] = True
+        try:
+            ray.init(num_cpus=os.cpu_count(), **kwargs)
+        finally:
+            _STARTING_LOCAL["on"] = False
         where = "local Ray instance"
     else:
         ray.init(address=address, **kwargs)

@@ -64,8 +64,8 @@ class Context:
         if not self._started_local_ray:
             return False
         session = session_dir()
-        stop_local()  # first: on SIGTERM to the whole process group the raylet is stopping too, and the driver's
-        #               Ray connection must be closed before the raylet's exit ends it (and the process, exit 1)
+        stop_local()  # first: the driver's Ray connection is closed while the GCS and raylet still run (a SIGTERM
+        #               to the driver's process group does not reach them: cluster.connect)
         self.ray_ready = self._started_local_ray = False
         if logs_to is not None and session is not None:
             self.saved_logs = save_logs(logs_to, session)  # Ray leaves its session folder after shutdown

@@ -67,6 +67,30 @@ def test_a_user_error_raised_in_a_ray_task_reaches_the_driver_as_itself(ray_loca
     assert type(err) is DiskFull and str(err).endswith("(0 B free there)") and err.exit_code == 1
 
 
+def test_a_local_instance_runs_outside_the_drivers_process_group(ray_local):
+    """A SIGTERM to the driver's process group reaches the driver alone, which stops Ray itself after the stage
+    (tests/test_faults.py sends one to the group): no process of the local instance shares the driver's group."""
+    import os
+
+    import ray
+
+    from pipeline.cluster import _descendants
+
+    @ray.remote
+    def group():
+        return os.getpgid(0)
+
+    own = os.getpgid(0)
+    groups = []
+    for pid in _descendants():
+        try:
+            groups.append(os.getpgid(pid))
+        except ProcessLookupError:
+            pass
+    assert len(groups) >= 2 and own not in groups, (own, groups)  # at least the GCS and the raylet
+    assert ray.get(group.remote()) != own
+
+
 def _shards(out):
     return sorted(out.dir.glob("shard-*.tar"))
 
