@@ -54,9 +54,9 @@ def connect(address: str | None, log=print, verbose: bool = False) -> None:
     if address in (None, "", "local"):
         # A local instance's processes run outside the driver's process group: a SIGTERM to that group (`timeout`,
         # a shell's job control, a scheduler that signals the job's group) then reaches the driver alone, whose
-        # handler (pipeline.cli) stops the stage and then Ray, in that order. Were Ray's processes signalled too,
-        # the GCS and raylet could exit while the driver still talks to them, and the driver end with exit 1 and
-        # no last line (a race, rare, likelier on a loaded machine). They still end with the driver:
+        # handler (pipeline.cli) stops the stage and then Ray, in that order. With Ray's processes signalled too,
+        # a group SIGTERM once ended the driver with exit 1 and no last line, most likely because the GCS and
+        # raylet exited while the driver still talked to them (a rare race, not reproduced). They still end with the driver:
         # Ray ties them to it (kernel fate-sharing) and ``stop_local`` waits for them.
         _STARTING_LOCAL["on"] = True
         try:
