@@ -1,7 +1,8 @@
 """The CARSO input gradient (every evaluation attack step is one) in each execution variant, side by side in one
 run: float32 as written (``eval.kernels: reference``), channels-last memory format, ``eval.kernels: fast``
 (channels-last with the purifier's BatchNorms folded: the evaluation's default), bfloat16 autocast (opt-in,
-``eval.precision: bfloat16``), ``torch.compile`` (inductor), and the thread layout (one process with T threads).
+``eval.precision: bfloat16``), ``torch.compile`` (inductor) of the float32 model and of the fast one
+(``fast_compile``), and the thread layout (one process with T threads).
 
 Each variant is timed on the same inputs, the same random weights (the cost does not depend on them) and the same
 latent draws (the generator is reseeded before each call), on the config's models at ``eval.chunk_size`` points x
@@ -10,7 +11,7 @@ its input gradient from the baseline's (0 means the same numbers; channels-last 
 another order; bfloat16 rounds). Prints JSON.
 
     .venv/bin/python bench/carso_variants.py [--config configs/fmnist.yaml] [--threads 2] [--seconds 3]
-        [--variants fp32,channels_last,fast,bf16,compile] [--points 50]
+        [--variants fp32,channels_last,fast,bf16,compile,fast_compile] [--points 50]
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from pipeline.models import build_classifier
 from pipeline.models.purifier import PurifierSpec
 from pipeline.sizing import layer_shapes
 
-VARIANTS = ("fp32", "channels_last", "fast", "bf16", "compile")
+VARIANTS = ("fp32", "channels_last", "fast", "bf16", "compile", "fast_compile")
 
 
 def build(cfg, precision: str, kernels: str = "reference"):
@@ -80,12 +81,12 @@ def main() -> None:
     results, base = {}, None
     for name in args.variants.split(","):
         t0 = time.perf_counter()
-        model = build(cfg, "bfloat16" if name == "bf16" else "float32", "fast" if name == "fast" else "reference")
+        model = build(cfg, "bfloat16" if name == "bf16" else "float32", "fast" if name in ("fast", "fast_compile") else "reference")
         xin = x
         if name == "channels_last":
             model = model.to(memory_format=torch.channels_last)
             xin = x.contiguous(memory_format=torch.channels_last)
-        if name == "compile":
+        if name in ("compile", "fast_compile"):
             model = torch.compile(model)
         seconds, grad = timed(call(model, xin), args.seconds)
         rec = {"seconds_per_call": round(seconds, 4), "ms_per_point": round(1000 * seconds / n, 3),

@@ -13,8 +13,8 @@ does not depend on them), at the stages' own batch sizes and precisions:
 - ``activations``: the activations stage's forward on ``activations.batch_size`` images, the classifier with hooks
   on the cached layers, no gradients (``bench/efficiency.py``'s unit);
 - ``activation_rows``: what the activations stage does per row, on one Zarr chunk's rows (``activations.chunk_rows``):
-  the shard's sha256 and its reading, that forward, the copy to the host, the cast to ``activations.dtype`` and
-  the compression into the Zarr arrays (in memory: the write to disk is left out);
+  the shard's sha256 and its reading, that forward, the copy to the host, the cast to ``activations.dtype``, the
+  compression into Zarr arrays written to disk (a temporary folder) and the chunk files' sha256 for the receipt;
 - ``purifier``: one purifier training step on one worker's batch (``purifier.batch_size / purifier.workers``):
   forward, VAE loss, backward, RAdam + Lookahead (``pipeline.purifier_train.train_step``); the conditioning made
   once beforehand as the cache serves it, or, with ``activations_source: recompute``, inside the unit;
@@ -35,9 +35,12 @@ one of the stage's workers gets on this machine (``pipeline.cluster.worker_share
 its FLOPs by kind of work (``pipeline.flops.stage_parts``) / the measured rate of that kind's unit / the stage's
 concurrent workers (the stages' own rules: one classifier task; attacks and activations one actor per GPU, else one
 on every core; ``purifier.workers``; evaluate and probes one task per GPU or core, at most one per chunk or layer).
-Not included: Ray's start-up, reading the dataset, starting workers and building their models, the stores' writes
-(shards, Zarr compression, checkpoints), the evaluation's forward-only scoring passes, and attacks that stop early
-on broken points (the FLOPs are upper bounds there).
+On CPU with several purifier workers, its unit is timed in the stage's own layout (``measure_purifier_ddp``: the
+workers as processes at once, DDP over gloo), and the seconds those processes took to start are added to the
+stage's. The evaluation's work is what AutoAttack's runner is expected to attack (``pipeline.plan.expected_attacked``:
+the trained classifier's accuracies; every attack on every point before it exists). Not included: Ray's start-up,
+reading the dataset, starting the other stages' workers and building their models, the attack shards' and
+checkpoints' writes, and the evaluation's forward-only scoring passes.
 """
 from __future__ import annotations
 
@@ -161,8 +164,9 @@ def random_batch(n: int, meta, device: str, seed: int) -> tuple[torch.Tensor, to
     return x.to(device), y.to(device)
 
 
-def build_units(cfg, device: str) -> tuple[dict[str, Unit], dict]:
-    """The units of every stage (see the module's docstring) on ``device``, and a description of the models."""
+def build_units(cfg, device: str, ddp=None) -> tuple[dict[str, Unit], dict]:
+    """The units of every stage (see the module's docstring) on ``device``, and a description of the models.
+    ``ddp``: a wrapper for the purifier unit's model (DistributedDataParallel, in ``measure_purifier_ddp``)."""
     from .adv_train import adversarial_step, build_sgd
     from .purifier_train import build_optimizer, train_step
 
@@ -216,14 +220,18 @@ def build_units(cfg, device: str) -> tuple[dict[str, Unit], dict]:
 
     def activation_rows(n):
         """As the activations stage's worker does a shard: check its sha256, read it, the hooked forward, the copy
-        to the host and the cast, the rows compressed into Zarr arrays (in memory here; on disk in the stage)."""
+        to the host and the cast, the rows compressed into Zarr arrays on disk (a temporary folder) and the chunk
+        files hashed for the unit's receipt."""
         x, y = random_batch(n, meta, "cpu", 10)
         tmp = tempfile.TemporaryDirectory(prefix="calibrate-")  # removed with the unit's callable
         path = Path(tmp.name) / "shard.tar"
         write_shard(path, ((i, int(y[i]), KINDS[i % len(KINDS)], x[i].numpy()) for i in range(n)))
         shapes = {name: tuple(v.shape[1:]) for name, v in zip(cached, hooked_forward(x[:1].to(device), cached))}
-        group = zarr_store.in_memory(n_rows=n, shapes=shapes, dtype=cfg.activations.dtype,
-                                     chunk_rows=cfg.activations.chunk_rows, clevel=cfg.activations.clevel)
+        root = Path(tmp.name) / "out"
+        zarr_store.create(root, n_rows=n, shapes=shapes, dtype=cfg.activations.dtype, chunk_rows=n,
+                          clevel=cfg.activations.clevel, attrs={})
+        files = [f for name, shape in shapes.items() for f in zarr_store.chunk_files(root, name, 1 + len(shape), 0, 1)]
+        files += [f for name in zarr_store.META_ARRAYS for f in zarr_store.chunk_files(root, name, 1, 0, 1)]
         acts = cfg.activations
 
         def rows():
@@ -232,13 +240,17 @@ def build_units(cfg, device: str) -> tuple[dict[str, Unit], dict]:
             out = rows_of(clf, data["image"], cached, batch_size=acts.batch_size, dtype=acts.dtype,
                           precision=acts.precision, device=device)
             kinds = np.array([KINDS.index(k) for k in data["kind"]], dtype=np.uint8)
-            zarr_store.write_rows(group, 0, {**out, "label": data["label"], "kind": kinds, "index": data["index"]})
+            zarr_store.write_rows(root, 0, {**out, "label": data["label"], "kind": kinds, "index": data["index"]})
+            for f in files:  # the unit's receipt: every chunk file's size and sha256, read back from the disk
+                sha256_file(f)
             return tmp
 
         return rows, n * per["classifier_forward"]
 
     def purifier(n):
         model = copy.deepcopy(pur)
+        if ddp is not None:
+            model = ddp(model)
         opt = build_optimizer(model, p)
         x, _ = random_batch(n, meta, device, 3)
         target, _ = random_batch(n, meta, device, 4)
@@ -277,8 +289,8 @@ def build_units(cfg, device: str) -> tuple[dict[str, Unit], dict]:
                             activations),
         "activation_rows": Unit(
             f"the activations stage's work on {acts_rows} rows: the shard's sha256 and its reading, the hooked forward "
-            f"({len(cached)} layers, no gradients), the copy to the host, the cast to {cfg.activations.dtype} and the "
-            "Zarr compression", cfg.activations.precision, "classifier_forward", acts_rows, activation_rows),
+            f"({len(cached)} layers, no gradients), the copy to the host, the cast to {cfg.activations.dtype}, the "
+            "Zarr compression and write to disk, the chunks' sha256", cfg.activations.precision, "classifier_forward", acts_rows, activation_rows),
         "purifier": Unit(f"one purifier training step on one worker's batch (activations: {p.activations_source}): "
                          "forward, VAE loss, backward, RAdam + Lookahead step", p.precision,
                          "purifier_train_step" + (" + classifier_forward" if recompute else ""),
@@ -294,6 +306,58 @@ def build_units(cfg, device: str) -> tuple[dict[str, Unit], dict]:
                        pgd_step("float32", 9)),
     }
     return units, models
+
+
+def _purifier_ddp_worker(rank: int, world: int, init: str, cfg, threads: int, seconds: float, results) -> None:
+    """One of ``world`` processes timing the purifier unit as the stage's workers run it: DDP over gloo (Ray
+    Train's backend on CPU), ``threads`` each, all at once. Rank 0 decides when to stop (every rank must do the
+    same number of steps) and puts its times on ``results``."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    prepare_worker(threads)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        units, _ = build_units(cfg, "cpu", ddp=DistributedDataParallel)
+        fn, flops = units["purifier"].setup(units["purifier"].batch)
+        fn()  # warm-up
+        times, go = [], torch.ones(1)
+        while go.item():
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+            go.fill_(0 if len(times) >= MAX_REPS or (len(times) >= MIN_REPS and sum(times) >= seconds) else 1)
+            dist.broadcast(go, 0)
+        if rank == 0:
+            results.put((times, flops))
+    finally:
+        dist.destroy_process_group()
+
+
+def measure_purifier_ddp(cfg, workers: int, threads: int, seconds: float) -> dict:
+    """The purifier unit timed in the stage's own layout on CPU: ``workers`` processes at once, DDP over gloo, each
+    at ``threads`` threads (so the gradients' all-reduce and the workers' contention for the cores' caches and
+    memory are in it). ``startup_s``: the seconds the processes took to start, import, build their models, join
+    the process group and warm up (the projection adds them to the stage's: its workers start the same way, Ray
+    Train's own bookkeeping aside)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    results = ctx.SimpleQueue()
+    t0 = time.perf_counter()
+    mp.start_processes(_purifier_ddp_worker, args=(workers, f"tcp://127.0.0.1:{port}", cfg, threads, seconds, results),
+                       nprocs=workers, join=True, start_method="spawn")
+    times, flops = results.get()
+    median = statistics.median(times)
+    return {"batch": max(1, cfg.purifier.batch_size // workers), "seconds": median, "seconds_all": times,
+            "repetitions": len(times), "flops": flops, "flop_per_s": flops / median,
+            "layout": f"{workers} processes at once, DDP over gloo, {threads} thread(s) each",
+            "startup_s": time.perf_counter() - t0 - sum(times)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -354,13 +418,18 @@ def project(cfg, work: dict, seconds: float = DEFAULT_SECONDS, machine: dict | N
                 tag = f"{name}@{threads}"
                 if tag not in measured:
                     prepare_worker(threads)  # the threads (and malloc thresholds) one of the stage's workers has
-                    measured[tag] = {"unit": name, "threads": threads, "device": device,
-                                     **units[name].measure(device, seconds)}
+                    if name == "purifier" and device == "cpu" and workers[stage] > 1:
+                        rec_unit = {"what": units[name].what, "precision": units[name].precision,
+                                    **measure_purifier_ddp(cfg, workers[stage], threads, seconds)}
+                    else:
+                        rec_unit = units[name].measure(device, seconds)
+                    measured[tag] = {"unit": name, "threads": threads, "device": device, **rec_unit}
                 m = measured[tag]
                 if "error" in m:
                     raise RuntimeError(f"calibration of {name}: {m['error']}")
-                rec["parts"][part] = {"unit": name, "flops": flops, "flop_per_s": m["flop_per_s"]}
-                worker_seconds += flops / m["flop_per_s"]
+                rec["parts"][part] = {"unit": name, "flops": flops, "flop_per_s": m["flop_per_s"],
+                                      **{k: m[k] for k in ("layout", "startup_s") if k in m}}
+                worker_seconds += flops / m["flop_per_s"] + m.get("startup_s", 0.0) * workers[stage]
             rec["seconds"] = worker_seconds / workers[stage]
             rec["flop_per_s"] = rec["flops"] / rec["seconds"] if rec["seconds"] > 0 else None
             out[stage] = rec

@@ -211,7 +211,11 @@ class CarsoAttack:
       ``<label>`` itself for the runner's score when ``runner``; ``worst``: also the points right on every
       fresh pass); None for a check (the obfuscation check).
     - ``describe(entry, results)``: its line in report.md.
-    - ``passes(ev)``: CARSO input gradients per point (``pipeline plan``'s FLOPs and hours); 0 where it is off.
+    - ``passes(ev)``: CARSO input gradients per point at most (``pipeline plan``'s FLOPs and hours); 0 where it is
+      off.
+    - ``share(attacked)``: the expected fraction of ``passes`` it runs, given the ``Attacked`` fractions (None: all
+      of them). AutoAttack's runner attacks only the points still classified correctly: APGD-CE those right on
+      clean inputs, APGD-DLR those APGD-CE left.
     """
 
     name: str
@@ -219,6 +223,7 @@ class CarsoAttack:
     describe: Callable
     passes: Callable
     label: str | None = None
+    share: Callable | None = None
     runner: bool = False
     worst: bool = True
     result: str | None = None  # results.json key; default: ``name``
@@ -245,9 +250,22 @@ def _pgd_passes(ev) -> int:
     return ev.pgd_eot_steps * ev.pgd_eot_iters
 
 
-def carso_passes(ev) -> int:
-    """CARSO input gradients per evaluated point, over every attack the config runs."""
-    return sum(a.passes(ev) for a in CARSO_ATTACKS)
+@dataclass(frozen=True)
+class Attacked:
+    """The fractions of the evaluated points each stage of AutoAttack's runner expects to attack (``pipeline
+    plan`` takes them from the classifier's test accuracies when its stage is done): ``clean`` right on clean
+    inputs (APGD-CE, and standard AutoAttack's APGD-CE), ``robust`` still right after the first attack (APGD-DLR;
+    standard AutoAttack's APGD-T, FAB-T and Square), ``chance`` still right at the obfuscation check's eps (its
+    APGD-DLR: at most chance, or the check fails)."""
+    clean: float = 1.0
+    robust: float = 1.0
+    chance: float = 1.0
+
+
+def carso_passes(ev, attacked: Attacked | None = None) -> float:
+    """CARSO input gradients per evaluated point, over every attack the config runs: at most (``attacked`` None), or
+    expected when the runner attacks the ``attacked`` fractions."""
+    return sum(a.passes(ev) * (a.share(attacked) if attacked and a.share else 1) for a in CARSO_ATTACKS)
 
 
 def pct(v: float) -> str:
@@ -280,6 +298,7 @@ def _describe_obfuscation(e: dict, r: dict) -> str:
 
 CARSO_ATTACKS: list[CarsoAttack] = [
     CarsoAttack("carso_randaa", label="C/randAA", runner=True, describe=_describe_randaa, passes=_aa_passes,
+                share=lambda a: (a.clean + a.robust) / 2,
                 make=lambda ev, s, device: AutoAttackRun(name="carso_randaa", eps=ev.eps, global_seed=s["randaa_global"],
                                                          check_gradient_at_start=True, **_aa(ev, s, device))),
     CarsoAttack("carso_pgd_eot", label="PGD+EOT", describe=_describe_pgd_eot, passes=_pgd_passes,
@@ -291,6 +310,7 @@ CARSO_ATTACKS: list[CarsoAttack] = [
                                                      gradient_through="logit", **_pgd(ev))
                 if ev.pgd_eot_logit_surrogate else None),
     CarsoAttack("obfuscation", result="obfuscation_check", describe=_describe_obfuscation, passes=_aa_passes,
+                share=lambda a: (a.clean + a.chance) / 2,
                 make=lambda ev, s, device: AutoAttackRun(name="obfuscation", eps=ev.obfuscation_eps,
                                                          **_aa(ev, s, device))),
 ]

@@ -4,7 +4,9 @@ with projected hours at a sustained throughput the user states.
 
 Counted: convolutions and matrix products (what FlopCounterMode counts; elementwise work is left out, so these
 are lower bounds). A "gradient pass" is a forward plus a backward to the input (attacks) or to the parameters
-(training). Attack counts are upper bounds where an attack stops early on points it has already broken.
+(training). Attack counts are upper bounds where an attack stops early on points it has already broken, unless
+``work["attacked"]`` (``pipeline.evaluation.Attacked``) gives the fractions AutoAttack's runner is expected to
+attack.
 """
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ from .sizing import layer_shapes
 
 # Standard AutoAttack on the classifier, per point at most: APGD-CE 100 steps, APGD-T 9 targets x 100,
 # FAB-T 9 targets x 100 (one gradient pass per step counted), Square 5000 queries (forward only).
-AA_STANDARD_GRAD_PASSES, AA_STANDARD_FORWARDS = 100 + 900 + 900, 5000
+AA_STANDARD_CE = 100
+AA_STANDARD_GRAD_PASSES, AA_STANDARD_FORWARDS = AA_STANDARD_CE + 900 + 900, 5000
 
 
 def _count(fn) -> int:
@@ -82,6 +85,10 @@ def stage_parts(cfg, work: dict, f: dict | None = None) -> dict[str, dict[str, f
     pur_step = f["purifier_train_step"] + (f["classifier_forward"] if cfg.purifier.activations_source == "recompute"
                                            else 0)
     aa = AA_STANDARD_GRAD_PASSES * f["classifier_input_grad"] + AA_STANDARD_FORWARDS * f["classifier_forward"]
+    if work.get("attacked"):  # the runner attacks the points still right: APGD-CE the clean-right, the rest the robust
+        c, r = work["attacked"].clean, work["attacked"].robust
+        aa = ((AA_STANDARD_CE * c + (AA_STANDARD_GRAD_PASSES - AA_STANDARD_CE) * r) * f["classifier_input_grad"]
+              + AA_STANDARD_FORWARDS * r * f["classifier_forward"])
     return {"classifier": clf,
             "attacks": {"attack": work["examples"] * (2 + 2 * a.pgd_steps) * f["classifier_input_grad"]},
             "activations": {"forward": work["samples"] * f["classifier_forward"]},

@@ -4,6 +4,8 @@ Nothing is run. Also what a stopped run had finished (``stopped``, ``full_disk_l
 state, for the CLI's last line after SIGTERM, Ctrl-C or a full disk."""
 from __future__ import annotations
 
+import json
+
 from . import runner
 from .balanced import steps_per_epoch
 from .calibrate import DEFAULT_SECONDS, check_seconds, project
@@ -13,32 +15,50 @@ from .flops import stage_flops
 from .log import human_bytes
 from .preflight import check, describe, pending_bytes, training_images
 from .runner import status
-from .evaluation import carso_passes
+from .evaluation import Attacked, carso_passes
 from .sizing import ACTIVATIONS_COMPRESSION, estimate
 
 
-def _counts(cfg) -> dict:
-    """How many examples each stage processes (shared by the work lines and the FLOPs)."""
+def _counts(cfg, attacked: Attacked | None = None) -> dict:
+    """How many examples each stage processes (shared by the work lines and the FLOPs); the evaluation's gradient
+    passes expected for the ``attacked`` fractions (None: at most)."""
     meta, e, ev = info(cfg.data.dataset), estimate(cfg), cfg.eval
     n_train = min(meta.train_size, cfg.data.train_subset or meta.train_size)
     n_test = min(meta.test_size, cfg.data.test_subset or meta.test_size)
-    passes = carso_passes(ev)
+    passes = carso_passes(ev, attacked)
     full, rest = divmod(e["examples"], cfg.attack.shard_size)  # an epoch: one batch stream over the examples
     steps = steps_per_epoch([cfg.attack.shard_size] * full + ([rest] if rest else []), cfg.purifier.batch_size,
                             cfg.purifier.workers)
     return {"n_train": n_train, "n_test": n_test, "examples": e["examples"], "samples": e["samples"],
             "purifier_samples": steps * cfg.purifier.batch_size, "steps": steps,
-            "n_eval": min(n_test - ev.first_example, ev.n_examples or n_test), "carso_passes": passes}
+            "n_eval": min(n_test - ev.first_example, ev.n_examples or n_test), "carso_passes": passes,
+            "carso_passes_max": carso_passes(ev), "attacked": attacked}
 
 
-def work_counts(cfg) -> dict:
+def work_counts(cfg, attacked: Attacked | None = None) -> dict:
     """The counts behind every stage's FLOPs (``pipeline.flops.stage_flops``) and calibrated seconds
-    (``pipeline.calibrate.project``)."""
-    return {**_counts(cfg), "probe_layers": len(probe_layers(cfg))}
+    (``pipeline.calibrate.project``); the evaluation's attacks on the ``attacked`` fractions (None: every point)."""
+    return {**_counts(cfg, attacked), "probe_layers": len(probe_layers(cfg))}
 
 
-def _work(cfg) -> dict[str, str]:
-    e, n = estimate(cfg), _counts(cfg)
+def expected_attacked(ctx) -> Attacked | None:
+    """The fractions of points the evaluation's AutoAttack runs are expected to attack, from the classifier's
+    test accuracies (its stage's metrics.json: clean, and PGD at the threat model's eps), when its stage is done;
+    None before (the plan then counts every attack on every point: an upper bound). The obfuscation check's
+    APGD-DLR is budgeted at chance accuracy, the most a passing check leaves."""
+    out = ctx.output_or_none("classifier", complete=True)
+    metrics = out.dir / "metrics.json" if out else None
+    if metrics is None or not metrics.is_file():
+        return None
+    m = json.loads(metrics.read_text())
+    if not isinstance(m.get("clean_acc"), (int, float)) or not isinstance(m.get("pgd_acc"), (int, float)):
+        return None
+    return Attacked(clean=float(m["clean_acc"]), robust=float(m["pgd_acc"]),
+                    chance=1.0 / info(ctx.cfg.data.dataset).num_classes)
+
+
+def _work(cfg, attacked: Attacked | None = None) -> dict[str, str]:
+    e, n = estimate(cfg), _counts(cfg, attacked)
     c, t, a, p, ev = cfg.classifier, cfg.classifier.train, cfg.attack, cfg.purifier, cfg.eval
     if c.source == "train":
         clf = (f"{t.epochs} epochs x {n['n_train']:,} examples x ({t.pgd_steps} PGD steps + 1) = "
@@ -56,11 +76,21 @@ def _work(cfg) -> dict[str, str]:
         "purifier": f"{p.epochs} epochs x {n['steps']} steps x {p.batch_size} examples (global), {p.workers} "
                     f"worker(s), activations: {p.activations_source}",
         "probes": _probe_work(cfg),
-        "evaluate": f"{n['n_eval']:,} test points x up to {n['carso_passes']:,} CARSO gradient passes (randAA + eps-0.95 "
-                    f"check: 2 x 2 x {ev.aa_steps} steps x EOT {ev.aa_eot}; PGD+EOT {ev.pgd_eot_steps} x EOT "
+        "evaluate": f"{n['n_eval']:,} test points x up to {n['carso_passes_max']:,} CARSO gradient passes (randAA + "
+                    f"eps-0.95 check: 2 x 2 x {ev.aa_steps} steps x EOT {ev.aa_eot}; PGD+EOT {ev.pgd_eot_steps} x EOT "
                     f"{ev.pgd_eot_iters}{surrogate}), {ev.samples} reconstructions each, + standard AA on the "
-                    f"classifier",
+                    f"classifier" + _expected(n),
     }
+
+
+def _expected(n: dict) -> str:
+    a = n["attacked"]
+    if a is None:
+        return "; FLOPs for every attack on every point (an upper bound until the classifier is trained)"
+    return (f"; FLOPs for {n['carso_passes']:,.0f} passes per point expected: AutoAttack's runner attacks only the "
+            f"points still right, taken as the classifier's clean {100 * a.clean:.1f}% (APGD-CE), PGD "
+            f"{100 * a.robust:.1f}% (APGD-DLR, standard AA's APGD-T, FAB-T, Square) and chance {100 * a.chance:.0f}% "
+            f"(the eps-0.95 check's APGD-DLR)")
 
 
 def probe_layers(cfg) -> list[str]:
@@ -131,8 +161,9 @@ def plan_lines(ctx, tflops: float | None = None, devices: int | None = None, cal
     tflops, devices = tflops or DEFAULT_TFLOPS, devices or 1
     cfg = ctx.cfg
     check(ctx)
-    work, size = _work(cfg), _bytes(cfg)
-    counts = work_counts(cfg)
+    attacked = expected_attacked(ctx)
+    work, size = _work(cfg, attacked), _bytes(cfg)
+    counts = work_counts(cfg, attacked)
     flops = stage_flops(cfg, counts)
     cal = project(cfg, counts, calibrate_seconds or DEFAULT_SECONDS) if calibrate else None
     lines = [f"plan for {cfg.name} ({cfg.data.dataset}), store {ctx.store.root}:",
@@ -142,8 +173,9 @@ def plan_lines(ctx, tflops: float | None = None, devices: int | None = None, cal
         lines.append(f"  compute: FLOPs counted on the real modules for one example x the work (convolutions and "
                      f"matrix products); hours CALIBRATED on this machine ({m['device']}, {m['cpus']} CPUs, "
                      f"{m['gpus']} GPUs): each stage's unit of work timed for {cal['seconds_per_unit']:g} s, hours = "
-                     f"FLOPs / the measured rate (--calibrate, not --tflops; Ray's start-up, data loading, worker "
-                     f"start-up and the stores' writes not included)")
+                     f"FLOPs / the measured rate (--calibrate, not --tflops; Ray's start-up, data loading, the "
+                     f"workers' start-up (the purifier's aside) and the shards' and checkpoints' writes not "
+                     f"included)")
     else:
         lines.append(f"  compute: FLOPs counted on the real modules for one example x the work (convolutions and "
                      f"matrix products); hours at {tflops:g} TFLOP/s sustained x {devices} device(s) (--tflops, "
@@ -179,7 +211,9 @@ def plan_lines(ctx, tflops: float | None = None, devices: int | None = None, cal
 def _rate_line(rec: dict) -> str:
     """``71.80 GFLOP/s = 35.90 GFLOP/s per worker x 2 worker(s) (cpu, 1 thread each); measured: ...``"""
     each = f"{rec['threads']} thread(s) each" if rec["device"] == "cpu" else "1 GPU each"
-    units = "; ".join(f"{part}: {p['unit']} {p['flop_per_s'] / 1e9:.4g} GFLOP/s" for part, p in rec["parts"].items())
+    units = "; ".join(f"{part}: {p['unit']} {p['flop_per_s'] / 1e9:.4g} GFLOP/s"
+                      + (f" ({p['layout']}, started in {p['startup_s']:.1f} s)" if "layout" in p else "")
+                      for part, p in rec["parts"].items())
     if rec["flop_per_s"] is None:
         return f"no work ({rec['workers']} worker(s), {rec['device']}, {each})"
     return (f"{rec['flop_per_s'] / 1e9:.4g} GFLOP/s = {rec['flop_per_s'] / rec['workers'] / 1e9:.4g} GFLOP/s per "

@@ -34,13 +34,6 @@ def create(root: Path, *, n_rows: int, shapes: dict[str, tuple[int, ...]], dtype
                    dtype=dtype, chunk_rows=chunk_rows, clevel=clevel)
 
 
-def in_memory(*, n_rows: int, shapes: dict[str, tuple[int, ...]], dtype: str, chunk_rows: int, clevel: int):
-    """The same arrays as ``create``, in memory (``pipeline.calibrate`` times the stage's compression on them)."""
-    group = zarr.open_group(zarr.storage.MemoryStore(), mode="w")
-    _create_arrays(group, n_rows=n_rows, shapes=shapes, dtype=dtype, chunk_rows=chunk_rows, clevel=clevel)
-    return group
-
-
 def _create_arrays(group, *, n_rows: int, shapes: dict[str, tuple[int, ...]], dtype: str, chunk_rows: int,
                    clevel: int) -> None:
     for name, shape in shapes.items():
@@ -60,13 +53,9 @@ def open_array(root: Path, name: str, mode: str = "r"):
 
 
 def write_rows(root, start: int, arrays: dict[str, np.ndarray]) -> None:
-    """Rows ``start...`` of each array under ``root`` (a folder, or an ``in_memory`` group)."""
+    """Rows ``start...`` of each array under the folder ``root``."""
     for name, values in arrays.items():
-        if isinstance(root, zarr.Group):
-            with zarr.config.set({"array.write_empty_chunks": True}):
-                root[name][start:start + len(values)] = values
-        else:
-            open_array(root, name, mode="r+")[start:start + len(values)] = values
+        open_array(root, name, mode="r+")[start:start + len(values)] = values
 
 
 def chunk_files(root: Path, name: str, ndim: int, chunk_lo: int, chunk_hi: int) -> list[Path]:

@@ -80,9 +80,11 @@ def _calibrated_rows(stdout):
             rows[stage] = {"flops": float(m.group(1)), "seconds": seconds}
         elif m := re.match(r"\s+rate:\s+(\S+) GFLOP/s = (\S+) GFLOP/s per worker x (\d+) worker\(s\) \((cpu|cuda), "
                            r".*?\); measured per worker: (.*)$", line):
-            units = {u.split(":")[0]: float(re.search(r" (\S+) GFLOP/s$", u).group(1)) for u in m.group(5).split("; ")}
+            units = {u.split(":")[0]: float(re.search(r" (\S+) GFLOP/s", u).group(1)) for u in m.group(5).split("; ")}
+            startup = sum(float(v) for v in re.findall(r"started in (\S+) s\)", m.group(5)))
             rows[stage] |= {"rate": float(m.group(1)) * 1e9, "per_worker": float(m.group(2)) * 1e9,
-                            "workers": int(m.group(3)), "units": units}
+                            "workers": int(m.group(3)), "units": units, "startup_s": startup,
+                            "measured": m.group(5)}
     return rows
 
 
@@ -109,10 +111,15 @@ def test_plan_calibrate_projects_every_stage_from_the_measured_rates(tmp_path):
         # the projection is FLOPs / measured rate, and the rate is one worker's times the stage's workers
         assert row["seconds"] == pytest.approx(row["flops"] / row["rate"], rel=1e-2), stage
         assert row["rate"] == pytest.approx(row["per_worker"] * row["workers"], rel=1e-3), stage
-        # one worker's rate is the FLOP-weighted harmonic mean of its units' measured rates
+        # one worker's rate is the FLOP-weighted harmonic mean of its units' measured rates (the purifier's with
+        # the start-up of its spawned workers added to its seconds)
         worker_s = sum(parts[stage][p] / (row["units"][p] * 1e9) for p in parts[stage] if parts[stage][p])
-        assert row["per_worker"] == pytest.approx(flops[stage] / worker_s, rel=2e-3), stage
-    assert rows["purifier"]["workers"] == cfg.purifier.workers and rows["classifier"]["workers"] == 1
+        worker_s += row["startup_s"] * row["workers"]
+        assert row["per_worker"] == pytest.approx(flops[stage] / worker_s, rel=5e-3), stage
+    assert rows["purifier"]["workers"] == cfg.purifier.workers == 2 and rows["classifier"]["workers"] == 1
+    # the purifier's step timed as the stage runs it: its 2 workers at once, DDP over gloo, started as processes
+    assert "2 processes at once, DDP over gloo, 1 thread(s) each" in rows["purifier"]["measured"]
+    assert rows["purifier"]["startup_s"] > 0 and all(rows[s]["startup_s"] == 0 for s in CAL_STAGES if s != "purifier")
     assert set(rows["classifier"]["units"]) == {"train", "test"}
     assert set(rows["evaluate"]["units"]) == {"carso", "classifier_aa"}
     total = re.search(r"total compute: \S+ FLOPs -> (\S+) (h|s) calibrated", r.stdout)
@@ -120,6 +127,52 @@ def test_plan_calibrate_projects_every_stage_from_the_measured_rates(tmp_path):
     main = sum(rows[s]["seconds"] for s in CAL_STAGES if s != "probes")
     assert float(total.group(1)) * (3600 if total.group(2) == "h" else 1) == pytest.approx(main, rel=2e-2)
     assert not any(tmp_path.iterdir())  # plan writes nothing
+
+
+def test_the_evaluations_work_counts_what_autoattacks_runner_attacks():
+    """Before the classifier is trained the evaluation's FLOPs count every attack on every point; with the
+    classifier's accuracies, AutoAttack's runner attacks only the points still right: APGD-CE the clean-right ones,
+    APGD-DLR (standard AA's APGD-T, FAB-T and Square) the robust ones, the eps-0.95 check's APGD-DLR at chance.
+    PGD+EOT attacks every point either way."""
+    from pipeline.evaluation import Attacked
+    from pipeline.flops import AA_STANDARD_FORWARDS, per_example, stage_parts
+    from pipeline.plan import work_counts
+
+    cfg = load_config(REPO / "configs/fmnist.yaml")
+    ev, f = cfg.eval, per_example(cfg)
+    aa, pgd = ev.aa_steps * ev.aa_eot, ev.pgd_eot_steps * ev.pgd_eot_iters
+    upper = work_counts(cfg)
+    assert upper["carso_passes"] == upper["carso_passes_max"] == 4 * aa + pgd
+    a = Attacked(clean=0.8, robust=0.6, chance=0.1)
+    exp = work_counts(cfg, a)
+    assert exp["carso_passes"] == pytest.approx(aa * (0.8 + 0.6) + aa * (0.8 + 0.1) + pgd)
+    assert exp["carso_passes_max"] == upper["carso_passes_max"]
+    n = exp["n_eval"]
+    clf_aa = stage_parts(cfg, exp, f)["evaluate"]["classifier_aa"]
+    assert clf_aa == pytest.approx(n * ((100 * 0.8 + 1800 * 0.6) * f["classifier_input_grad"]
+                                        + AA_STANDARD_FORWARDS * 0.6 * f["classifier_forward"]))
+    assert clf_aa < stage_parts(cfg, upper, f)["evaluate"]["classifier_aa"]
+
+
+@pytest.mark.slow
+def test_plan_takes_the_attacked_fractions_from_the_trained_classifiers_metrics(tmp_path, trained_classifier):
+    """The shared trained classifier's metrics.json gives the fractions; without it, the plan says upper bound."""
+    import json
+
+    from tests.conftest import CLF, cli_args
+
+    data, store = trained_classifier
+    args = cli_args(store, data, sets=CLF)
+    r = cli_here("plan", *args)
+    assert r.returncode == 0, r.stderr
+    (metrics,) = store.glob("fmnist/classifier/*/metrics.json")
+    m = json.loads(metrics.read_text())
+    assert (f"the classifier's clean {100 * m['clean_acc']:.1f}% (APGD-CE), PGD {100 * m['pgd_acc']:.1f}% "
+            "(APGD-DLR, standard AA's APGD-T, FAB-T, Square) and chance 10%") in r.stdout
+    fresh = cli_here("plan", *cli_args(tmp_path / "empty", data, sets=CLF))
+    assert "FLOPs for every attack on every point (an upper bound until the classifier is trained)" in fresh.stdout
+    flops = [float(re.search(r"- evaluate .*\n.*\n\s+FLOPs:\s+(\S+)", out).group(1)) for out in (r.stdout, fresh.stdout)]
+    assert flops[0] < flops[1]
 
 
 @pytest.mark.parametrize("args, says", [
