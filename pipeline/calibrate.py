@@ -290,7 +290,8 @@ def build_units(cfg, device: str, ddp=None) -> tuple[dict[str, Unit], dict]:
         "activation_rows": Unit(
             f"the activations stage's work on {acts_rows} rows: the shard's sha256 and its reading, the hooked forward "
             f"({len(cached)} layers, no gradients), the copy to the host, the cast to {cfg.activations.dtype}, the "
-            "Zarr compression and write to disk, the chunks' sha256", cfg.activations.precision, "classifier_forward", acts_rows, activation_rows),
+            "Zarr compression and write to disk, the chunks' sha256", cfg.activations.precision, "classifier_forward",
+            acts_rows, activation_rows),
         "purifier": Unit(f"one purifier training step on one worker's batch (activations: {p.activations_source}): "
                          "forward, VAE loss, backward, RAdam + Lookahead step", p.precision,
                          "purifier_train_step" + (" + classifier_forward" if recompute else ""),
