@@ -66,7 +66,7 @@ def cli_here(*args) -> subprocess.CompletedProcess:
     from pipeline import cli as cli_module
     from pipeline import preflight
 
-    connected = ray.is_initialized()  # a module's own Ray (toy_store): the command must not start another
+    connected = ray.is_initialized()  # a module's own Ray (a stage it ran): the command must not start another
     saved = (signal.getsignal(signal.SIGTERM), list(worker._post_init_hooks), preflight.SPACE_CHECK, os.getcwd())
     try:
         os.chdir(REPO)
@@ -115,14 +115,14 @@ def cli_args(store, data_dir, *extra, sets=(), config: str = CONFIG) -> list[str
 
 
 def make_ctx(store, data_dir, *extra, sets=(), workers=None, log=None, config: str = CONFIG):
-    """A run context on ``config`` with the data folder, ``sets`` and ``extra`` as overrides, for a test that
-    connected Ray itself (``built_store`` or its own fixture)."""
+    """A run context on ``config`` with the data folder, ``sets`` and ``extra`` as overrides. The first stage that
+    needs Ray connects this process to a local instance (``Context.ray``), which stays up for the module: its
+    store fixture (``toy_store``) shuts it down. A test that never reaches a Ray task starts none."""
     from pipeline import runner
     from pipeline.config import load_config
 
     cfg = load_config(REPO / config, [f"data.data_dir={data_dir}", *sets, *extra])
-    return runner.Context(cfg=cfg, store=runner.store_root(store), workers=workers, log=log or (lambda m: None),
-                          ray_ready=True)
+    return runner.Context(cfg=cfg, store=runner.store_root(store), workers=workers, log=log or (lambda m: None))
 
 
 def write_idx(path: Path, arr: np.ndarray, gz: bool = True) -> None:
@@ -208,16 +208,17 @@ def fmnist_dir(tmp_path) -> Path:
 
 
 # The toy job every store-reading module shares: the default config at toy size (one PGD-7 epoch of the SmallCNN on
-# 384 images, 3-step training attacks in 64-example shards, a 2-epoch purifier on 2 Ray Train workers, 12 test points
-# at 1-3 attack steps). TOY_JOB is what the shared store's `--stage all` ran (``toy``: an evaluation of 4 points;
-# tests/test_evaluate_stage.py evaluates the 12).
+# 384 images, 3-step training attacks in 64-example shards, a 4-epoch purifier on 2 Ray Train workers whose last
+# steps are past a Lookahead sync (tests/test_purifier_stage.py reads it), 12 test points at 1-3 attack steps).
+# TOY_JOB is what the shared store's job ran (``toy``: an evaluation of 4 points; tests/test_evaluate_stage.py
+# evaluates the 12).
 TOY_SETS = ["attack.n_examples=null", "classifier.train.epochs=1", "classifier.train.batch_size=32",
             "classifier.train.eval_pgd_steps=2",
             "data.test_subset=64", "attack.shard_size=64", "attack.batch_size=64", "attack.pgd_steps=3",
-            "activations.chunk_rows=64", "purifier.batch_size=32", "purifier.epochs=2", "purifier.warmup_epochs=0",
-            "purifier.plateau_epochs=1", "purifier.anneal_epochs=1", "purifier.beta_start_epoch=0",
-            "purifier.beta_end_epoch=1", "purifier.plateau_lr=0.002", "purifier.final_lr=0.0005",
-            "purifier.workers=2", "eval.n_examples=12", "eval.chunk_size=4", "eval.samples=2", "eval.aa_steps=3",
+            "activations.chunk_rows=64", "purifier.batch_size=32", "purifier.epochs=4", "purifier.warmup_epochs=0",
+            "purifier.plateau_epochs=2", "purifier.anneal_epochs=2", "purifier.beta_start_epoch=1",
+            "purifier.beta_end_epoch=3", "purifier.plateau_lr=0.002", "purifier.final_lr=0.0005",
+            "purifier.lookahead_k=5", "purifier.workers=2", "eval.n_examples=12", "eval.chunk_size=4", "eval.samples=2", "eval.aa_steps=3",
             "eval.aa_eot=2", "eval.pgd_eot_steps=3", "eval.pgd_eot_iters=2", "eval.fresh_draws=2", "eval.batch_size=8"]
 TOY_JOB = [*TOY_SETS, "eval.n_examples=4"]
 TOY_TRAIN, TOY_TEST = 384, 64
@@ -256,10 +257,10 @@ def _build_toy(folder: Path) -> None:
     data = make_fmnist(folder / "fmnist", n_train=TOY_TRAIN, n_test=TOY_TEST)
     args = cli_args(folder / "store", data, sets=TOY_JOB)
     runs = {}
-    # As tests/test_whole_job.py reads them: --only refuses upstream work, then like make, then the whole job.
-    # The refusal ends before Ray starts, so it runs in this process (cli_here); the two runs are the user's CLI.
-    for name, stage in (("only", ["--stage", "attacks", "--only"]), ("attacks", ["--stage", "attacks"]),
-                        ("all", ["--stage", "all"])):
+    # As tests/test_whole_job.py reads them: --only refuses upstream work; then, like make, `--stage evaluate`
+    # runs every stage it needs, which on an empty store is the whole job. The refusal ends before Ray starts, so
+    # it runs in this process (cli_here); the job is the user's CLI.
+    for name, stage in (("only", ["--stage", "attacks", "--only"]), ("job", ["--stage", "evaluate"])):
         r = (cli_here if name == "only" else cli)("run", *stage, *args)
         runs[name] = {"returncode": r.returncode, "stdout": r.stdout, "stderr": r.stderr}
     (folder / "runs.json").write_text(json.dumps(runs))
@@ -268,7 +269,7 @@ def _build_toy(folder: Path) -> None:
 @pytest.fixture(scope="session")
 def toy(tmp_path_factory) -> Toy:
     t = Toy(shared_dir(tmp_path_factory, "toy", _build_toy))
-    assert t.runs["all"]["returncode"] == 0, "the shared toy job failed: " + t.runs["all"]["stderr"][-3000:]
+    assert t.runs["job"]["returncode"] == 0, "the shared toy job failed: " + t.runs["job"]["stderr"][-3000:]
     return t
 
 
@@ -294,37 +295,15 @@ def trained_classifier(tmp_path_factory):
 
 @contextmanager
 def toy_store(tmp_path_factory, toy: Toy, ignore=("logs",)):
-    """A module's own copy of the shared toy store (the module's tests may write into it), on a real local Ray
-    instance connected for the module (shut down afterwards)."""
+    """A module's own copy of the shared toy store (the module's tests may write into it). Ray starts when a test's
+    stage first needs it (``make_ctx``) and is shut down with the module."""
     import shutil
 
     import ray
 
-    from pipeline.cluster import connect
-
     root = tmp_path_factory.mktemp("store")
     shutil.copytree(toy.store, root, dirs_exist_ok=True, ignore=shutil.ignore_patterns(*ignore))
-    connect(None, log=lambda m: None)
     try:
-        yield root
-    finally:
-        ray.shutdown()
-
-
-@contextmanager
-def built_store(tmp_path_factory, make_ctx, data_dir, stages):
-    """A store with ``stages`` run on a real local Ray instance (shut down afterwards)."""
-    import ray
-
-    from pipeline import runner
-    from pipeline.cluster import connect
-
-    connect(None, log=lambda m: None)
-    root = tmp_path_factory.mktemp("store")
-    ctx = make_ctx(root, data_dir)
-    try:
-        for stage in stages:
-            runner.run(ctx, stage)
         yield root
     finally:
         ray.shutdown()

@@ -25,7 +25,7 @@ def test_classifier_train_then_cache_hit_then_file_source(tmp_path, trained_clas
     assert f"[classifier] running -> {shared}" in console and "[classifier] epoch 1/1: adversarial loss" in console
 
     common = cli_args(store, data, sets=CLF)
-    again = cli("run", "--stage", "classifier", *common)
+    again = cli_here("run", "--stage", "classifier", *common)  # in this process: it fails if it starts Ray
     assert again.returncode == 0 and "cache hit" in again.stderr and "[ray]" not in again.stderr
 
     st = cli_here("status", *common)
@@ -40,7 +40,7 @@ def test_classifier_train_then_cache_hit_then_file_source(tmp_path, trained_clas
 
 
 def test_missing_data_is_one_line_exit_1(tmp_path):
-    r = cli("run", "--stage", "classifier", "--config", "configs/fmnist.yaml", "--store", str(tmp_path / "s"),
+    r = cli_here("run", "--stage", "classifier", "--config", "configs/fmnist.yaml", "--store", str(tmp_path / "s"),
             "--set", f"data.data_dir={tmp_path / 'nothing'}")
     assert r.returncode == 1
     assert r.stderr.strip().splitlines()[-1].startswith("error: fmnist: IDX file not found at")

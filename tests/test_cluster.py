@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CLF, REPO
+from tests.conftest import CLF, REPO, cli_here
 
 BIN = Path(sys.executable).parent
 # The shared classifier's settings (CLF): the job finds it in the store and runs the attacks only.
@@ -40,14 +40,15 @@ def _dashboard_up(port: int) -> bool:
         return False
 
 
-def _alive_actors(dash: int, env: dict) -> list[str]:
+def _alive_actors(dash: int) -> list[str]:
     """The class names of the cluster's live actors that run a stage's units (Ray Data's map workers; Ray Data's
-    own detached bookkeeping actors outlive every job by design)."""
-    r = subprocess.run([str(BIN / "ray"), "list", "actors", "--address", f"http://127.0.0.1:{dash}", "--filter",
-                        "state=ALIVE", "--format", "json"], env=env, capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stderr[-2000:]
-    names = [a.get("class_name", "?") for a in json.loads(r.stdout or "[]")]
-    return [n for n in names if "MapWorker" in n or "MapBatches" in n]
+    own detached bookkeeping actors outlive every job by design), as `ray list actors` reads them: Ray's state
+    API over the head's HTTP port, asked from this process (the CLI would start an interpreter per poll)."""
+    from ray.util.state import list_actors
+
+    actors = list_actors(address=f"http://127.0.0.1:{dash}", filters=[("state", "=", "ALIVE")], limit=10_000,
+                         timeout=60, raise_on_missing_output=False)
+    return [a.class_name for a in actors if "MapWorker" in a.class_name or "MapBatches" in a.class_name]
 
 
 def _sigterm_a_driver_on_the_cluster(tmp_path: Path, data: Path, shared: Path, address: str, dash: int, env: dict):
@@ -65,7 +66,7 @@ def _sigterm_a_driver_on_the_cluster(tmp_path: Path, data: Path, shared: Path, a
         while proc.poll() is None and not list(store.glob("fmnist/attacks/*/_units/*.json")):
             time.sleep(0.05)  # an event: the first finished unit
         assert proc.poll() is None, (tmp_path / "terminated.txt").read_text()[-3000:]
-        assert _alive_actors(dash, env), "the driver's actors should be running on the cluster"
+        assert _alive_actors(dash), "the driver's actors should be running on the cluster"
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=120)
     finally:
@@ -77,7 +78,7 @@ def _sigterm_a_driver_on_the_cluster(tmp_path: Path, data: Path, shared: Path, a
     assert code == 143 and len(lines) == 1 and lines[0].startswith("error: terminated (SIGTERM); attacks: "), stderr
     assert "run the same command again to resume" in lines[0] and "Traceback" not in stderr
     deadline = time.monotonic() + 10  # "a few seconds later"
-    while (alive := _alive_actors(dash, env)) and time.monotonic() < deadline:
+    while (alive := _alive_actors(dash)) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not alive, alive  # its tasks and actors cancelled
     assert _dashboard_up(dash)  # the cluster stays
@@ -118,8 +119,7 @@ def test_ray_job_submit_runs_the_readme_command_on_a_started_head(tmp_path, trai
         (attacks,) = store.glob("fmnist/attacks/*/manifest.json")
         manifest = json.loads(attacks.read_text())
         assert manifest["counts"]["examples"] == 64 and manifest["counts"]["shards"] == 2
-        v = subprocess.run([sys.executable, "-m", "pipeline.cli", "verify", "--store", str(store)], cwd=REPO,
-                           capture_output=True, text=True)
+        v = cli_here("verify", "--store", str(store))
         assert v.returncode == 0, v.stdout + v.stderr
     finally:
         if head.poll() is None:

@@ -141,6 +141,7 @@ def test_official_backend_missing_is_a_clear_error(store, data_dir):
     assert "\n" not in msg and not ctx.output("evaluate").is_complete()
 
 
+@pytest.mark.slow
 def test_a_corrupt_purifier_is_refused_before_use(store, data_dir, tmp_path):
     """One flipped byte in purifier.pt: a one-line error naming the file, nothing evaluated."""
     from pipeline.store import StoreError

@@ -126,6 +126,7 @@ def test_each_key_free_field_names_an_existing_test(toy):
             assert _key(toy, other, stage) == _key(toy, cfg, stage), f"{path} changed the key of {stage}"
 
 
+@pytest.mark.slow
 def test_key_free_fields_leave_the_output_bytes_unchanged(trained_classifier, tmp_path):
     """The run's name and the data folder (its files copied elsewhere) change neither the classifier's key nor a
     byte of what it writes, against the shared CLI-trained classifier."""
@@ -150,7 +151,7 @@ def test_a_stage_reading_outside_its_spec_fails(toy):
             use(view)
     assert isinstance(view.classifier.train.lr, NotInSpec)
     # What each stage of the toy job may read is enough to run it: the shared toy job ran every stage this way.
-    assert toy.runs["all"]["returncode"] == 0
+    assert toy.runs["job"]["returncode"] == 0
 
 
 def test_a_spec_value_of_an_unsupported_type_fails():

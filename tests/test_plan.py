@@ -88,6 +88,7 @@ def _calibrated_rows(stdout):
     return rows
 
 
+@pytest.mark.slow
 def test_plan_calibrate_projects_every_stage_from_the_measured_rates(tmp_path):
     """`pipeline plan --calibrate` on the default config: every stage's hours are its FLOPs / the rate it measured
     here (the stage's workers x one worker's rate), the rates printed, and --tflops nowhere."""

@@ -51,6 +51,7 @@ def built(tmp_path_factory, data_dir, ray_local):
     return {"store": store, "ctx": ctx, "outs": dict(zip(["classifier", "attacks", "activations"], outs))}
 
 
+@pytest.mark.slow
 def test_a_user_error_raised_in_a_ray_task_reaches_the_driver_as_itself(ray_local):
     """Through a real Ray task (tests/test_faults.py has the other ways across)."""
     import ray
@@ -67,6 +68,7 @@ def test_a_user_error_raised_in_a_ray_task_reaches_the_driver_as_itself(ray_loca
     assert type(err) is DiskFull and str(err).endswith("(0 B free there)") and err.exit_code == 1
 
 
+@pytest.mark.slow
 def test_a_local_instance_runs_outside_the_drivers_process_group(ray_local):
     """A SIGTERM to the driver's process group reaches the driver alone, which stops Ray itself after the stage
     (tests/test_faults.py sends one to the group): no process of the local instance shares the driver's group."""
@@ -95,6 +97,7 @@ def _shards(out):
     return sorted(out.dir.glob("shard-*.tar"))
 
 
+@pytest.mark.slow
 def test_attack_shards_round_trip(built, data_dir):
     out, cfg = built["outs"]["attacks"], built["ctx"].cfg
     x, y = load_split("fmnist", "train", str(data_dir))
@@ -116,6 +119,7 @@ def test_attack_shards_round_trip(built, data_dir):
     assert changed >= 4 * 48 * 0.9  # the attacks did perturb
 
 
+@pytest.mark.slow
 def test_shard_members_need_no_pickle(built):
     for p in _shards(built["outs"]["attacks"]):
         with tarfile.open(p) as tf:
@@ -130,6 +134,7 @@ def test_shard_members_need_no_pickle(built):
                     json.loads(blob)
 
 
+@pytest.mark.slow
 def test_activations_round_trip_and_alignment(built):
     from pipeline.models.hooks import forward_with_activations
     from pipeline.models import load_stored
@@ -151,6 +156,7 @@ def test_activations_round_trip_and_alignment(built):
     assert rows["index"].tolist() == [s["index"] for s in samples]
 
 
+@pytest.mark.slow
 def test_layer_subset_reads_only_its_arrays(built, tmp_path):
     acts = built["outs"]["activations"]
     copy = tmp_path / "acts"
@@ -166,6 +172,7 @@ def test_layer_subset_reads_only_its_arrays(built, tmp_path):
         ActivationReader(out, ["conv9"])
 
 
+@pytest.mark.slow
 def test_cache_hit_and_key_reuse(built, data_dir):
     store = built["store"]
     ctx, logs = make_ctx(store, data_dir)
@@ -185,6 +192,7 @@ def test_cache_hit_and_key_reuse(built, data_dir):
     assert ctx4.output("purifier").dir != ctx.output("purifier").dir  # the default conditions on conv3 only
 
 
+@pytest.mark.slow
 def test_stale_keys_miss(built, data_dir):
     store = built["store"]
     ctx, _ = make_ctx(store, data_dir, "attack.eps=0.05")
@@ -215,6 +223,7 @@ def _args(store, data_dir, *extra):
     return cli_args(store, data_dir, *extra, sets=TINY)
 
 
+@pytest.mark.slow
 def test_an_interrupted_stage_resumes_to_identical_output(built, data_dir, tmp_path):
     """What a killed attacks run leaves (the kill itself, SIGTERM to the driver and to its process group, is
     tests/test_faults.py's, through the same receipts): finished units with their receipts, a shard written whose
@@ -259,6 +268,7 @@ def test_verify_reports_truncated_and_flipped_shards(built, tmp_path):
     assert f"{shards[0]}: truncated" in r.stderr and f"{shards[1]}: content altered" in r.stderr
 
 
+@pytest.mark.slow
 def test_reading_stage_refuses_a_corrupt_shard(built, data_dir, tmp_path):
     store = tmp_path / "store"
     shutil.copytree(built["store"], store)
@@ -272,6 +282,7 @@ def test_reading_stage_refuses_a_corrupt_shard(built, data_dir, tmp_path):
         runner.run(ctx, "activations")
 
 
+@pytest.mark.slow
 def test_sizes_match_the_storage_layout_arithmetic(built):
     from pipeline.sizing import estimate
 

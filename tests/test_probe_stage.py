@@ -7,7 +7,7 @@ import pytest
 
 from pipeline import runner
 from tests import conftest
-from tests.conftest import TOY_SETS, TOY_TEST, TOY_TRAIN, cli, cli_args, cli_here, toy_store
+from tests.conftest import TOY_SETS, TOY_TEST, TOY_TRAIN, cli_args, cli_here, toy_store
 
 SETS = [*TOY_SETS, "probes.first_example=0", "probes.n_examples=16", "probes.pgd_steps=3", "probes.epochs=2",
         "probes.robust_examples=64", "probes.robust_epochs=1", "probes.robust_pgd_steps=2", "probes.batch_size=32"]
@@ -88,7 +88,9 @@ def test_only_names_the_missing_upstream_stage(tmp_path, data_dir):
 
 @pytest.mark.slow
 def test_a_probe_sweep_tabulates_every_combination_and_layer(store, data_dir):
-    r = cli("sweep", "--stage", "probes", "--grid", "probes.layers=[conv3],[conv1,conv2]",
+    # In this process, on the module's Ray (the store fixture's probes run started it): the CLI's own sweep
+    # through a new interpreter is tests/test_whole_job.py's.
+    r = cli_here("sweep", "--stage", "probes", "--grid", "probes.layers=[conv3],[conv1,conv2]",
             *cli_args(store, data_dir, sets=SETS))
     assert r.returncode == 0, r.stderr[-2000:]
     md = next((store / "fmnist" / "sweeps").glob("*/comparison.md")).read_text()
@@ -96,4 +98,4 @@ def test_a_probe_sweep_tabulates_every_combination_and_layer(store, data_dir):
     assert len(rows) == 3 and "robust adaptive" in md and "PGD 3 x 0.01" in md, md
     whole = json.loads((make_ctx(store, data_dir).output("probes").dir / "probes.json").read_text())
     conv1 = whole["layers"][0]["robust_probe"]["adaptive"]
-    assert any(f"| conv1 |" in line and f"{100 * conv1:.1f}%" in line for line in rows), md
+    assert any("| conv1 |" in line and f"{100 * conv1:.1f}%" in line for line in rows), md

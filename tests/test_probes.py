@@ -32,14 +32,16 @@ def one_line(r, code: int, *needles: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def data(trained_classifier):
-    return trained_classifier[0]
+def data(tmp_path_factory):
+    """The data folder of the tests that end before anything trains: written here, no classifier needed."""
+    return make_fmnist(tmp_path_factory.mktemp("probes") / "fmnist", n_train=64, n_test=32)
 
 
 @pytest.fixture(scope="module")
 def trained(trained_classifier):
-    """A store with the classifier trained once through the CLI (shared by the test run); tests corrupt copies."""
-    return trained_classifier[1]
+    """(data folder, store with the classifier trained once through the CLI, shared by the test run); tests
+    corrupt copies."""
+    return trained_classifier
 
 
 def _copy(trained, tmp_path):
@@ -84,11 +86,7 @@ def test_store_that_is_a_file_exit_1(tmp_path, data):
     assert f.read_text() == "not a store"
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("defect,needle", [("label", "label 200 outside the 10 fmnist classes"),
-                                           ("shape", "images are 1x32x32, fmnist images are 1x28x28")])
-def test_malformed_idx_data_exit_1_from_inside_ray(tmp_path, defect, needle):
-    """Read inside the classifier's Ray task: the console still gets one line naming the data directory."""
+def _malformed(tmp_path, defect: str):
     root = make_fmnist(tmp_path / "fmnist", n_train=64, n_test=32)
     if defect == "label":
         y = np.zeros(64, np.uint8)
@@ -96,9 +94,28 @@ def test_malformed_idx_data_exit_1_from_inside_ray(tmp_path, defect, needle):
         write_idx(root / "train-labels-idx1-ubyte", y)
     else:
         write_idx(root / "train-images-idx3-ubyte", np.zeros((64, 32, 32), np.uint8))
+    return root
+
+
+@pytest.mark.parametrize("defect,needle", [("label", "label 200 outside the 10 fmnist classes"),
+                                           ("shape", "images are 1x32x32, fmnist images are 1x28x28")])
+def test_malformed_idx_data_is_one_error_naming_the_folder(tmp_path, defect, needle):
+    from pipeline.data import DataError, load_split
+
+    root = _malformed(tmp_path, defect)
+    with pytest.raises(DataError) as e:
+        load_split("fmnist", "train", str(root))
+    assert needle in str(e.value) and str(root) in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.slow
+def test_malformed_idx_data_exit_1_from_inside_ray(tmp_path):
+    """Read inside the classifier's Ray task: the console still gets one line naming the data directory (each
+    defect's message: the test above)."""
+    root = _malformed(tmp_path, "label")
     r = cli("run", "--config", "configs/fmnist.yaml", "--store", str(tmp_path / "s"), "--stage", "classifier",
             *sets(root))
-    one_line(r, 1, needle, str(root))
+    one_line(r, 1, "label 200 outside the 10 fmnist classes", str(root))
     assert not list((tmp_path / "s").glob("fmnist/classifier/*"))  # no empty key folder left behind
 
 
@@ -114,8 +131,8 @@ def test_a_second_run_on_a_locked_output_refuses_naming_the_holder(tmp_path, dat
 
 
 @pytest.mark.slow
-def test_verify_finds_corruption_leftovers_and_rebuild_repairs(tmp_path, data, trained):
-    store = _copy(trained, tmp_path)
+def test_verify_finds_corruption_leftovers_and_rebuild_repairs(tmp_path, trained):
+    data, store = trained[0], _copy(trained[1], tmp_path)
     args = ["--config", "configs/fmnist.yaml", "--store", str(store), *sets(data)]
     (out,) = (store / "fmnist" / "classifier").iterdir()
     model = out / "model.pt"
@@ -147,8 +164,8 @@ def test_verify_finds_corruption_leftovers_and_rebuild_repairs(tmp_path, data, t
 
 
 @pytest.mark.slow
-def test_a_corrupt_manifest_is_never_a_cache_hit(tmp_path, data, trained):
-    store = _copy(trained, tmp_path)
+def test_a_corrupt_manifest_is_never_a_cache_hit(tmp_path, trained):
+    data, store = trained[0], _copy(trained[1], tmp_path)
     args = ["--config", "configs/fmnist.yaml", "--store", str(store), *sets(data)]
     (manifest,) = store.glob("fmnist/classifier/*/manifest.json")
     for bad in (b"", b"[1, 2]", b"\xff\xfe"):

@@ -11,9 +11,8 @@ from pipeline import runner
 from tests import conftest
 from tests.conftest import TOY_SETS, toy_store
 
-# The shared toy store's classifier, shards and activations; this module's own 4-epoch purifier.
-SETS = [*TOY_SETS, "purifier.epochs=4", "purifier.plateau_epochs=2", "purifier.anneal_epochs=2",
-        "purifier.beta_start_epoch=1", "purifier.beta_end_epoch=3"]
+# The shared toy store's classifier, shards, activations and 4-epoch purifier (its console: tests/test_whole_job.py).
+SETS = TOY_SETS
 
 
 @pytest.fixture(scope="module")
@@ -26,16 +25,18 @@ make_ctx = partial(conftest.make_ctx, sets=SETS)
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, toy):
-    with toy_store(tmp_path_factory, toy, ignore=("logs", "purifier", "evaluate", "baseline")) as root:
+    with toy_store(tmp_path_factory, toy, ignore=("logs", "evaluate", "baseline")) as root:
         yield root
 
 
-@pytest.mark.slow
 def test_two_workers_train_checkpoint_and_loss_falls(store, data_dir):
+    """The toy job's purifier, trained by the CLI's `--stage all` on 2 Ray Train workers (48 steps with Lookahead's
+    k=5: the last 3 are past a sync)."""
     from pipeline.models.purifier import PurifierSpec
 
-    ctx = make_ctx(store, data_dir, "purifier.lookahead_k=5")  # 48 steps: the last 3 are past a Lookahead sync
-    out = runner.run(ctx, "purifier")[0]
+    ctx = make_ctx(store, data_dir)
+    out = ctx.output("purifier")
+    assert out.is_complete()
     m = out.manifest()
     hist = [json.loads(line) for line in (out.dir / "metrics.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in hist] == [1, 2, 3, 4] and all(h["workers"] == 2 for h in hist)
@@ -151,7 +152,7 @@ def test_layer_subset_trains_from_only_its_arrays(store, data_dir, tmp_path):
 @pytest.mark.slow
 def test_resumed_training_is_bit_identical_to_an_uninterrupted_run(store, data_dir, tmp_path):
     """The state a kill leaves, and the same run again: its purifier.pt equals the uninterrupted run's (the module's
-    4-epoch purifier, a cache hit after the first test), byte for byte. The state is the one the last checkpoint's
+    4-epoch purifier, the toy job's), byte for byte. The state is the one the last checkpoint's
     write can be killed in (pipeline/store.py writes a file under a temporary name, renames it into place, then
     writes its receipt): the last epoch's checkpoint (``epoch-0003.pt``: files count epochs from 0) renamed but
     without its receipt, so it is not trusted, and a half-written temporary of it beside; no manifest, no
@@ -160,8 +161,7 @@ def test_resumed_training_is_bit_identical_to_an_uninterrupted_run(store, data_d
     tests/test_faults.py's (SIGTERM to the driver and to its process group), so no process is killed here."""
     from stages.purifier import CKPT_DIR
 
-    extra = ["purifier.lookahead_k=5"]
-    done = runner.run(make_ctx(store, data_dir, *extra), "purifier")[0]
+    done = runner.run(make_ctx(store, data_dir), "purifier")[0]
     reference = (done.dir / "purifier.pt").read_bytes()
     copy = tmp_path / "killed"
     shutil.copytree(store, copy)
@@ -173,7 +173,7 @@ def test_resumed_training_is_bit_identical_to_an_uninterrupted_run(store, data_d
     half = ckpts / ".epoch-0003.pt.tmp-1-0badf00d"
     half.write_bytes((ckpts / "epoch-0003.pt").read_bytes()[:4096])
     lines = []
-    out = runner.run(make_ctx(copy, data_dir, *extra, log=lines.append), "purifier")[0]
+    out = runner.run(make_ctx(copy, data_dir, log=lines.append), "purifier")[0]
     assert out.dir == out_dir and "[purifier] resuming from epoch-0002.pt" in lines, lines
     assert not half.exists()
     hist = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
