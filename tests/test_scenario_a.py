@@ -3,9 +3,9 @@
 checkpoint saved from RobustBench's own `DMWideResNet` (loaded with `classifier.source: file`), all 26 Table 5
 layers cached, and the full-size purifier (106,381,537 parameters) trained for one step from the cached
 activations. Only sizes and steps are reduced; every architecture is the paper's. The run stops after the purifier:
-the evaluate stage is the same code as the toy job's (tests/test_evaluate_stage.py, tests/test_whole_job.py) on
-these networks, whose forward and backward passes the purifier's training step already runs; at paper size it
-would cost a third of this test on CPU. (`activations_source: recompute` conditions identically to the cache:
+the evaluate stage is the same code as the toy job's (tests/test_evaluate_stage.py, tests/test_whole_job.py), on
+networks whose forward and backward passes the attacks, activations and purifier stages already run at this size;
+here it would cost a third of this test on CPU. (`activations_source: recompute` conditions identically to the cache:
 tests/test_purifier_stage.py.)"""
 import io
 import json
