@@ -331,6 +331,7 @@ def _purifier_ddp_worker(rank: int, world: int, init: str, cfg, threads: int, se
             dist.broadcast(go, 0)
         if rank == 0:
             results.put((times, flops))
+        dist.barrier()  # every rank is done with the group before rank 0, which hosts its store, tears it down
     finally:
         dist.destroy_process_group()
 
@@ -351,8 +352,14 @@ def measure_purifier_ddp(cfg, workers: int, threads: int, seconds: float) -> dic
     ctx = mp.get_context("spawn")
     results = ctx.SimpleQueue()
     t0 = time.perf_counter()
-    mp.start_processes(_purifier_ddp_worker, args=(workers, f"tcp://127.0.0.1:{port}", cfg, threads, seconds, results),
-                       nprocs=workers, join=True, start_method="spawn")
+    try:
+        mp.start_processes(_purifier_ddp_worker, args=(workers, f"tcp://127.0.0.1:{port}", cfg, threads, seconds,
+                                                       results), nprocs=workers, join=True, start_method="spawn")
+    except mp.ProcessExitedException:
+        # A worker that dies after rank 0 recorded the times (gloo's threads at exit; seen once, SIGABRT in
+        # a loaded CI run) leaves a whole measurement; one that dies before it leaves none, and that is an error.
+        if results.empty():
+            raise
     times, flops = results.get()
     median = statistics.median(times)
     return {"batch": max(1, cfg.purifier.batch_size // workers), "seconds": median, "seconds_all": times,
