@@ -218,8 +218,9 @@ TOY_SETS = ["attack.n_examples=null", "classifier.train.epochs=1", "classifier.t
             "activations.chunk_rows=64", "purifier.batch_size=32", "purifier.epochs=4", "purifier.warmup_epochs=0",
             "purifier.plateau_epochs=2", "purifier.anneal_epochs=2", "purifier.beta_start_epoch=1",
             "purifier.beta_end_epoch=3", "purifier.plateau_lr=0.002", "purifier.final_lr=0.0005",
-            "purifier.lookahead_k=5", "purifier.workers=2", "eval.n_examples=12", "eval.chunk_size=4", "eval.samples=2", "eval.aa_steps=3",
-            "eval.aa_eot=2", "eval.pgd_eot_steps=3", "eval.pgd_eot_iters=2", "eval.fresh_draws=2", "eval.batch_size=8"]
+            "purifier.lookahead_k=5", "purifier.workers=2", "eval.n_examples=12", "eval.chunk_size=4",
+            "eval.samples=2", "eval.aa_steps=3", "eval.aa_eot=2", "eval.pgd_eot_steps=3", "eval.pgd_eot_iters=2",
+            "eval.fresh_draws=2", "eval.batch_size=8"]
 TOY_JOB = [*TOY_SETS, "eval.n_examples=4"]
 TOY_TRAIN, TOY_TEST = 384, 64
 

@@ -30,7 +30,7 @@ def store(tmp_path_factory, toy):
 
 
 def test_two_workers_train_checkpoint_and_loss_falls(store, data_dir):
-    """The toy job's purifier, trained by the CLI's `--stage all` on 2 Ray Train workers (48 steps with Lookahead's
+    """The toy job's purifier, trained by the CLI's `--stage evaluate` on 2 Ray Train workers (48 steps with Lookahead's
     k=5: the last 3 are past a sync)."""
     from pipeline.models.purifier import PurifierSpec
 

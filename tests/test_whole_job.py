@@ -1,5 +1,5 @@
-"""The whole job through the CLI: `--stage all`, the same again as cache hits, then a sweep that reuses every
-upstream output."""
+"""The whole job through the CLI: `--stage evaluate` on an empty store (like make, every stage), `--stage all` as
+cache hits, then a sweep that reuses every upstream output."""
 import csv
 import re
 import shutil
