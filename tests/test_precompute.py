@@ -1,5 +1,6 @@
 """The precomputed adversarial datasets: attack shards (WebDataset) and hooked activations (Zarr), on a real
-local Ray instance and a real store."""
+local Ray instance and a real store: the shared toy job's (tests/conftest.py: 384 training images, 6 shards of 64
+examples, 3-step PGD), which the CLI wrote as a user's run does."""
 import json
 import shutil
 import tarfile
@@ -16,15 +17,15 @@ from pipeline.shards import read_shard
 from pipeline.store import StoreError
 from pipeline.zarr_store import ActivationReader
 from tests import conftest
-from tests.conftest import REPO, cli_args, cli_here, make_fmnist
+from tests.conftest import REPO, TOY_SETS, TOY_TRAIN, cli_here, toy_store
 
-TINY = ["attack.n_examples=null", "classifier.train.epochs=1", "classifier.train.batch_size=32", "attack.shard_size=16", "attack.batch_size=8",
-        "attack.pgd_steps=5", "activations.chunk_rows=16", "activations.batch_size=32"]
+N, SHARD = TOY_TRAIN, 64  # the toy's training examples and its attack.shard_size
+SHARDS = N // SHARD
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return make_fmnist(tmp_path_factory.mktemp("fx") / "fmnist", n_train=48, n_test=16)
+def data_dir(toy):
+    return toy.data
 
 
 @pytest.fixture(scope="module")
@@ -40,15 +41,17 @@ def ray_local():
 
 def make_ctx(store, data_dir, *extra, workers=None):
     logs = []
-    return conftest.make_ctx(store, data_dir, *extra, sets=TINY, workers=workers, log=logs.append), logs
+    return conftest.make_ctx(store, data_dir, *extra, sets=TOY_SETS, workers=workers, log=logs.append), logs
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory, data_dir, ray_local):
-    store = tmp_path_factory.mktemp("store")
-    ctx, logs = make_ctx(store, data_dir)
-    outs = runner.run(ctx, "classifier") + runner.run(ctx, "attacks") + runner.run(ctx, "activations")
-    return {"store": store, "ctx": ctx, "outs": dict(zip(["classifier", "attacks", "activations"], outs))}
+def built(tmp_path_factory, toy, data_dir):
+    """The module's copy of the toy store's classifier, attacks and activations (tests may write into it)."""
+    with toy_store(tmp_path_factory, toy, ignore=("logs", "purifier", "evaluate", "baseline")) as store:
+        ctx, _ = make_ctx(store, data_dir)
+        outs = {s: ctx.output(s) for s in ("classifier", "attacks", "activations")}
+        assert all(o.is_complete() for o in outs.values())
+        yield {"store": store, "ctx": ctx, "outs": outs}
 
 
 @pytest.mark.slow
@@ -102,8 +105,8 @@ def test_attack_shards_round_trip(built, data_dir):
     out, cfg = built["outs"]["attacks"], built["ctx"].cfg
     x, y = load_split("fmnist", "train", str(data_dir))
     samples = [s for p in _shards(out) for s in read_shard(p)]
-    assert len(samples) == 5 * 48 and out.manifest()["counts"] == {"examples": 48, "samples": 240, "shards": 3,
-                                                                   "shard_size": 16}
+    assert len(samples) == 5 * N and out.manifest()["counts"] == {"examples": N, "samples": 5 * N, "shards": SHARDS,
+                                                                  "shard_size": SHARD}
     eps = {"clean": 0.0, "fgsm_half": cfg.attack.eps / 2, "fgsm": cfg.attack.eps, "pgd_half": cfg.attack.eps / 2,
            "pgd": cfg.attack.eps}
     changed = 0
@@ -116,7 +119,7 @@ def test_attack_shards_round_trip(built, data_dir):
         # The same float32 arithmetic as the projection: stored images sit exactly inside the ball.
         assert bool((img <= clean + eps[s["kind"]]).all() and (img >= clean - eps[s["kind"]]).all()), s["kind"]
         changed += int(not torch.equal(img, clean))
-    assert changed >= 4 * 48 * 0.9  # the attacks did perturb
+    assert changed >= 4 * N * 0.9  # the attacks did perturb
 
 
 @pytest.mark.slow
@@ -136,13 +139,13 @@ def test_shard_members_need_no_pickle(built):
 
 @pytest.mark.slow
 def test_activations_round_trip_and_alignment(built):
-    from pipeline.models.hooks import forward_with_activations
     from pipeline.models import load_stored
+    from pipeline.models.hooks import forward_with_activations
 
     acts, attacks = built["outs"]["activations"], built["outs"]["attacks"]
     reader = ActivationReader(acts)
-    assert reader.layers == ["conv1", "conv2", "conv3"] and reader.n_rows == 240
-    rows = reader.read(0, 240)
+    assert reader.layers == ["conv1", "conv2", "conv3"] and reader.n_rows == 5 * N
+    rows = reader.read(0, 5 * N)
     samples = [s for p in _shards(attacks) for s in read_shard(p)]
     images = torch.from_numpy(np.stack([s["image"] for s in samples]))
     model, _ = load_stored(built["outs"]["classifier"], built["ctx"].cfg.data.dataset)
@@ -166,8 +169,8 @@ def test_layer_subset_reads_only_its_arrays(built, tmp_path):
     out = Output(copy, "activations", acts.key)
     shutil.rmtree(copy / "acts.zarr" / "conv1")  # unreadable if touched
     shutil.rmtree(copy / "acts.zarr" / "conv3")
-    rows = ActivationReader(out, ["conv2"]).read(0, 240)
-    assert set(rows) == {"conv2", "label", "kind", "index"} and rows["conv2"].shape == (240, 32, 14, 14)
+    rows = ActivationReader(out, ["conv2"]).read(0, 5 * N)
+    assert set(rows) == {"conv2", "label", "kind", "index"} and rows["conv2"].shape == (5 * N, 32, 14, 14)
     with pytest.raises(StoreError, match="conv9"):
         ActivationReader(out, ["conv9"])
 
@@ -210,17 +213,16 @@ def test_stale_keys_miss(built, data_dir):
 
 @pytest.mark.slow
 def test_same_bytes_whatever_the_worker_count(built, data_dir, tmp_path):
-    ctx, _ = make_ctx(tmp_path / "s2", data_dir, workers=2)
-    runner.run(ctx, "classifier")
-    out = runner.run(ctx, "attacks")[0]
+    """The toy's shards came from one attacks actor; two actors, sharing the units, write the same bytes."""
+    clf = built["outs"]["classifier"].dir
+    shutil.copytree(clf, tmp_path / "s2" / clf.relative_to(built["store"]))  # the same classifier, from the cache
+    ctx, logs = make_ctx(tmp_path / "s2", data_dir, workers=2)
+    out = runner.run(ctx, "attacks", only=True)[0]
+    assert any(line.startswith(f"[attacks] {SHARDS} unit(s) to do on 2 worker(s)") for line in logs), logs
     assert out.key == built["outs"]["attacks"].key
     a, b = _shards(built["outs"]["attacks"]), _shards(out)
     assert [p.name for p in a] == [p.name for p in b]
     assert all(pa.read_bytes() == pb.read_bytes() for pa, pb in zip(a, b))
-
-
-def _args(store, data_dir, *extra):
-    return cli_args(store, data_dir, *extra, sets=TINY)
 
 
 @pytest.mark.slow
@@ -236,7 +238,7 @@ def test_an_interrupted_stage_resumes_to_identical_output(built, data_dir, tmp_p
     ctx, logs = make_ctx(store, data_dir)
     out = ctx.output("attacks")
     shards = _shards(out)
-    assert len(shards) == 3
+    assert len(shards) == SHARDS
     out.manifest_path.unlink()
     (out.dir / "_units" / f"{shards[1].stem}.json").unlink()  # shard 1 written, its receipt not
     shards[2].unlink()
@@ -244,7 +246,7 @@ def test_an_interrupted_stage_resumes_to_identical_output(built, data_dir, tmp_p
     half = out.dir / f".{shards[2].name}.tmp-4242-0123abcd"  # shard 2 half-written by a writer that died
     half.write_bytes(shards[0].read_bytes()[:5000])
     runner.run(ctx, "attacks", only=True)
-    assert f"[attacks] resuming {out.dir}: 1 unit(s) already finished" in logs
+    assert f"[attacks] resuming {out.dir}: {SHARDS - 2} unit(s) already finished" in logs
     assert any(line.startswith("[attacks] 2 unit(s) to do") for line in logs), logs
     assert not half.exists() and not list(out.dir.glob(".*tmp*"))
     assert [p.read_bytes() for p in _shards(out)] == [p.read_bytes() for p in _shards(ref)]
@@ -254,7 +256,7 @@ def test_an_interrupted_stage_resumes_to_identical_output(built, data_dir, tmp_p
 @pytest.mark.slow
 def test_verify_reports_truncated_and_flipped_shards(built, tmp_path):
     store = tmp_path / "store"
-    shutil.copytree(built["store"], store)
+    shutil.copytree(built["store"], store, ignore=shutil.ignore_patterns("activations"))
     assert cli_here("verify", "--store", str(store)).returncode == 0
     shards = sorted(store.glob("fmnist/attacks/*/shard-*.tar"))
     shards = [p for p in shards if p.parent.name == built["outs"]["attacks"].key]
@@ -286,8 +288,8 @@ def test_reading_stage_refuses_a_corrupt_shard(built, data_dir, tmp_path):
 def test_sizes_match_the_storage_layout_arithmetic(built):
     from pipeline.sizing import estimate
 
-    # The fixture has 48 training images; the estimate knows only the config, so tell it.
-    est = estimate(load_config(REPO / "configs/fmnist.yaml", [*TINY, "attack.n_examples=48"]))
+    # The toy has 384 training images; the estimate knows only the config, so tell it.
+    est = estimate(load_config(REPO / "configs/fmnist.yaml", [*TOY_SETS, f"attack.n_examples={N}"]))
     out = built["outs"]["attacks"]
     assert sum(p.stat().st_size for p in _shards(out)) == est["attack_total_bytes"]
     assert out.manifest()["counts"]["samples"] == est["samples"]
