@@ -9,6 +9,7 @@ plus 17 bytes of label (int64), kind (uint8) and index (int64); on disk, about `
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -43,12 +44,19 @@ def shard_bytes(n_samples: int, sample_bytes: int) -> int:
 
 
 def layer_shapes(arch: str, dataset: str, activation: str, layers: list[str] | None) -> dict[str, tuple]:
+    """Each hooked layer's output shape (C, H, W), from one forward pass on the meta device (no weights
+    allocated). Computed once per process and architecture: a `plan` or a run asks for it from several places."""
+    return dict(_layer_shapes(arch, dataset, activation, tuple(layers) if layers else None))
+
+
+@functools.lru_cache(maxsize=64)
+def _layer_shapes(arch: str, dataset: str, activation: str, layers: tuple[str, ...] | None) -> tuple:
     meta = info(dataset)
     with torch.device("meta"):
         model = build_classifier(arch, dataset, activation).eval()
-        names = layers or model.default_layers()
+        names = list(layers) if layers else model.default_layers()
         _, acts = forward_with_activations(model, torch.zeros(1, meta.channels, meta.size, meta.size), names)
-    return {n: tuple(a.shape[1:]) for n, a in zip(names, acts)}
+    return tuple((n, tuple(a.shape[1:])) for n, a in zip(names, acts))
 
 
 def estimate(cfg, n_train: int | None = None) -> dict:
