@@ -212,9 +212,9 @@ def fmnist_dir(tmp_path) -> Path:
 # steps are past a Lookahead sync (tests/test_purifier_stage.py reads it), 12 test points at 1-3 attack steps).
 # TOY_JOB is what the shared store's job ran (``toy``: an evaluation of 4 points; tests/test_evaluate_stage.py
 # evaluates the 12).
-TOY_SETS = ["attack.n_examples=null", "classifier.train.epochs=1", "classifier.train.batch_size=32",
-            "classifier.train.eval_pgd_steps=2",
-            "data.test_subset=64", "attack.shard_size=64", "attack.batch_size=64", "attack.pgd_steps=3",
+TOY_CLASSIFIER = ["classifier.train.epochs=1", "classifier.train.batch_size=32", "classifier.train.eval_pgd_steps=2",
+                  "data.test_subset=64"]
+TOY_SETS = ["attack.n_examples=null", *TOY_CLASSIFIER, "attack.shard_size=64", "attack.batch_size=64", "attack.pgd_steps=3",
             "activations.chunk_rows=64", "purifier.batch_size=32", "purifier.epochs=4", "purifier.warmup_epochs=0",
             "purifier.plateau_epochs=2", "purifier.anneal_epochs=2", "purifier.beta_start_epoch=1",
             "purifier.beta_end_epoch=3", "purifier.plateau_lr=0.002", "purifier.final_lr=0.0005",
@@ -274,24 +274,22 @@ def toy(tmp_path_factory) -> Toy:
     return t
 
 
-# The smallest trained classifier: one PGD-7 epoch on 64 images, through the CLI (for the fault and bad-input tests,
-# whose attack runs must stay short).
-CLF = ["attack.n_examples=null", "classifier.train.epochs=1", "classifier.train.batch_size=32"]
-
-
-def _build_trained(folder: Path) -> None:
-    data = make_fmnist(folder / "fmnist", n_train=64, n_test=32)
-    r = cli("run", "--stage", "classifier", *cli_args(folder / "store", data, sets=CLF))
-    (folder / "run.json").write_text(json.dumps({"returncode": r.returncode, "stderr": r.stderr}))
+# The toy job's classifier (one PGD-7 epoch on its 384 training images), with attacks on its first 64 training
+# images only: for the fault, cluster and bad-input tests, whose attack runs must stay short.
+CLF = [*TOY_CLASSIFIER, "attack.n_examples=64"]
 
 
 @pytest.fixture(scope="session")
-def trained_classifier(tmp_path_factory):
-    """(data folder, store holding only the CLF classifier), built once per test run; tests copy the store."""
-    folder = shared_dir(tmp_path_factory, "trained", _build_trained)
-    run = json.loads((folder / "run.json").read_text())
-    assert run["returncode"] == 0, "training the shared classifier failed: " + run["stderr"][-3000:]
-    return folder / "fmnist", folder / "store"
+def trained_classifier(tmp_path_factory, toy):
+    """(the toy's data folder, a store holding only the toy job's classifier): the pipeline's own cache, so a
+    stage run with CLF finds it. Tests copy the store."""
+    import shutil
+
+    def build(folder: Path) -> None:
+        (out,) = (toy.store / "fmnist" / "classifier").iterdir()
+        shutil.copytree(out, folder / "fmnist" / "classifier" / out.name)
+
+    return toy.data, shared_dir(tmp_path_factory, "trained", build)
 
 
 @contextmanager

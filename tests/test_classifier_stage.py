@@ -8,10 +8,10 @@ from tests.conftest import CLF, cli, cli_args, cli_here
 
 
 @pytest.mark.slow
-def test_classifier_train_then_cache_hit_then_file_source(tmp_path, trained_classifier):
-    """The shared classifier was trained by `pipeline run --stage classifier` (tests/conftest.py): its output and
-    console are checked here, then the same command on a copy is a cache hit without Ray, and the stored weights
-    used as a local checkpoint give the same weights hash."""
+def test_classifier_train_then_cache_hit_then_file_source(tmp_path, trained_classifier, toy):
+    """The shared classifier was trained by the toy job's `pipeline run` (tests/conftest.py): its output and
+    console are checked here, then `--stage classifier` on a copy is a cache hit without Ray, and the stored
+    weights used as a local checkpoint give the same weights hash."""
     data, shared = trained_classifier
     store = tmp_path / "store"
     shutil.copytree(shared, store)
@@ -19,10 +19,11 @@ def test_classifier_train_then_cache_hit_then_file_source(tmp_path, trained_clas
     manifest = json.loads((out / "manifest.json").read_text())
     metrics = json.loads((out / "metrics.json").read_text())
     assert {f["name"] for f in manifest["files"]} == {"model.pt", "metrics.json"}
-    assert 0 <= metrics["pgd_acc"] <= metrics["clean_acc"] <= 1 and metrics["n"] == 32
+    assert 0 <= metrics["pgd_acc"] <= metrics["clean_acc"] <= 1 and metrics["n"] == 64  # data.test_subset
     assert metrics["attack"]["eps"] == 0.1 and metrics["weights_sha256"] == manifest["weights_sha256"]
-    console = json.loads((shared.parent / "run.json").read_text())["stderr"]
-    assert f"[classifier] running -> {shared}" in console and "[classifier] epoch 1/1: adversarial loss" in console
+    console = toy.runs["job"]["stderr"]
+    assert f"[classifier] running -> {toy.store / 'fmnist' / 'classifier' / out.name}" in console
+    assert "[classifier] epoch 1/1: adversarial loss" in console
 
     common = cli_args(store, data, sets=CLF)
     again = cli_here("run", "--stage", "classifier", *common)  # in this process: it fails if it starts Ray
