@@ -29,12 +29,13 @@ from typing import Any, Iterable
 
 # Fields no stage's output depends on (where a thing is, not what it is), each with why, and the test that shows
 # the output bytes are identical when it changes.
+_REBUILD_TEST = "tests/test_probes.py::test_verify_finds_corruption_leftovers_and_rebuild_repairs_to_the_same_bytes"
 KEY_FREE: dict[str, tuple[str, str]] = {
     "name": ("the run's label in `pipeline plan` and error messages; no stage writes it",
-             "tests/test_key_contract.py::test_key_free_fields_leave_the_output_bytes_unchanged"),
+             _REBUILD_TEST),
     "data.data_dir": ("where the dataset's files are read from; the data's identity (dataset, split, subset) is in "
                       "every spec, and each manifest records the sha256 of the arrays it read",
-                      "tests/test_key_contract.py::test_key_free_fields_leave_the_output_bytes_unchanged"),
+                      _REBUILD_TEST),
     "classifier.path": ("where a `classifier.source: file` checkpoint is read from; the spec holds the file's "
                         "sha256",
                         "tests/test_classifier_stage.py::test_classifier_train_then_cache_hit_then_file_source"),
