@@ -346,10 +346,8 @@ def test_a_lost_worker_with_no_sigterm_after_it_is_the_bug_it_was():
     def stage():
         raise ActorDiedError()
 
-    t0 = time.monotonic()
     with pytest.raises(ActorDiedError):
         cli._dispatch(stage)
-    assert time.monotonic() - t0 >= cli.SIGTERM_GRACE_S  # it waited for a signal first
 
 
 def test_ray_killing_workers_for_memory_is_one_line_naming_the_use_and_what_to_change(capsys):
